@@ -1,0 +1,37 @@
+# The README's commands. Every target installs what is missing first (`setup` is idempotent).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint format lock clean
+
+setup: $(STAMP)
+
+$(STAMP): infra/install_env.sh requirements/*.txt pyproject.toml
+	bash infra/install_env.sh $(VENV)
+	touch $(STAMP)
+
+demo: setup
+	bash infra/demo.sh
+
+# pytest exits 5 when it collected no test: that is a failure here, not a pass.
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
+
+# Rewrites the constraints file from the current environment (after changing a pin).
+lock: setup
+	{ sed -n '1,3p' requirements/constraints.txt; $(VENV)/bin/pip freeze --exclude-editable \
+	  | grep -viE '^(segmentation-pipeline|mmcv-lite|pip|setuptools|wheel)=='; } > requirements/constraints.lock.tmp
+	mv requirements/constraints.lock.tmp requirements/constraints.txt
+
+clean:
+	rm -rf $(VENV) .work demo-output

@@ -1,0 +1,1 @@
+"""Pipeline stages that run inside containers: `python -m tasks <step> ...`."""

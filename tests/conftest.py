@@ -1,0 +1,99 @@
+"""Shared fixtures: a real S3 API server process on 127.0.0.1 and a tiny generated dataset."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_infra(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "infra" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+s3_server_module = _load_infra("s3_server")
+
+
+@pytest.fixture(autouse=True)
+def _offline_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep every library off the network and out of $HOME during tests."""
+    home = tmp_path_factory.getbasetemp() / "home"
+    monkeypatch.setenv("CLEARML_OFFLINE_MODE", "1")
+    monkeypatch.setenv("YOLO_OFFLINE", "1")
+    monkeypatch.setenv("SEGPIPE_WORK_DIR", str(home / "work"))
+    monkeypatch.setenv("MPLCONFIGDIR", str(home / "mpl"))
+    monkeypatch.setenv("TORCH_HOME", str(home / "torch"))
+    monkeypatch.setenv("YOLO_CONFIG_DIR", str(home / "yolo"))
+    monkeypatch.setenv("CLEARML_CACHE_DIR", str(home / "clearml"))
+
+
+class S3Server:
+    """A moto_server process; `stop()`/`start()` let fault tests cut the connection for real."""
+
+    def __init__(self, log_path: Path):
+        self.port = s3_server_module.free_port()
+        self.log_path = log_path
+        self.proc = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return s3_server_module.endpoint_url(self.port)
+
+    def start(self) -> None:
+        self.proc = s3_server_module.start(self.port, self.log_path)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            s3_server_module.stop(self.proc)
+            self.proc = None
+
+    def env(self, bucket: str) -> dict[str, str]:
+        return s3_server_module.client_env(self.port, bucket)
+
+    def create_bucket(self, bucket: str) -> None:
+        s3_server_module.create_bucket(self.port, bucket)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A fresh bucket on the shared server; the environment points tasks.store at it."""
+    if s3_server.proc is None:  # a fault test may have stopped it
+        s3_server.start()
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    s3_server.create_bucket(bucket)
+    env = s3_server.env(bucket)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small generated dataset in the study's layout (shared, read-only: copy it to modify)."""
+    from tasks.synth import generate
+
+    out = tmp_path_factory.mktemp("tiny_dataset") / "synth"
+    generate(out, seed=0, n_train=16, n_val=8, n_test=8, size=64)
+    return out
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """os.environ (with the fixtures' settings) plus extra, for `python -m tasks` subprocesses."""
+    return {**os.environ, **extra}
