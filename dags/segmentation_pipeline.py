@@ -1,0 +1,203 @@
+"""segmentation_pipeline: validate -> eda -> relabel -> train x N -> evaluate x N -> select.
+
+Wiring only: each stage task runs one `python -m tasks <step> ...` command line that `plan` builds
+from the validated params (argument lists, never shell strings); segpipe_runners decides how it runs
+(SEGPIPE_RUNNER=local: a subprocess of the worker; docker: a container of the stage image).
+Each experiment is one instance of the mapped task group `experiment` (train -> evaluate), so a
+failed experiment stops only its own evaluation; `experiments_done` lets `select` run once every
+experiment is done and at least one evaluation succeeded (select reports the failed ones).
+
+Runs: weekly by cron (SEGPIPE_SCHEDULE), whenever a producer updates the dataset Asset, or by hand
+(UI form, `airflow dags test`, REST API) with the params below.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+import segpipe_runners as runners
+from airflow.providers.standard.operators.empty import EmptyOperator
+from airflow.sdk import (
+    DAG,
+    Asset,
+    AssetOrTimeSchedule,
+    CronTriggerTimetable,
+    Param,
+    TriggerRule,
+    task,
+    task_group,
+)
+from airflow.sdk.exceptions import AirflowFailException
+
+SETTINGS = runners.Settings.from_env()
+LOCATION = SETTINGS.location_pattern
+
+
+def _asset_uri(location: str) -> str:
+    return location if location.startswith("s3://") else f"file://{location}"
+
+
+# A producer that publishes a new dataset version emits an event for this asset (an outlet in its
+# DAG, or POST /api/v2/assets/events); extra {"dataset": "<location>"} names the version to train on.
+DATASET_ASSET = Asset(name="segpipe_dataset", uri=_asset_uri(SETTINGS.default_dataset))
+
+# Per-stage limits for the full profile on one GPU (the CPU profile of the demo stays far below).
+TIMEOUTS = {
+    "validate": timedelta(minutes=30),
+    "eda": timedelta(minutes=30),
+    "relabel": timedelta(hours=2),
+    "train": timedelta(hours=8),
+    "evaluate": timedelta(hours=1),
+    "select": timedelta(minutes=30),
+}
+DEFAULT_ARGS = {
+    "owner": "segpipe",
+    "retries": 2,
+    "retry_delay": timedelta(seconds=30),
+    "retry_exponential_backoff": 2.0,  # 30 s, 60 s, ... capped below
+    "max_retry_delay": timedelta(minutes=10),
+}
+
+PARAMS = {
+    "dataset": Param(
+        SETTINGS.default_dataset,
+        type="string",
+        pattern=LOCATION,
+        title="Dataset location",
+        description=(
+            f"s3://{SETTINGS.bucket}/<prefix> of a dataset in the study's layout"
+            + (" or an absolute local directory" if SETTINGS.allow_local_paths else "")
+            + "; '..' is not allowed."
+        ),
+    ),
+    "experiments": Param(
+        list(runners.EXPERIMENTS),
+        type="array",
+        items={"type": "string", "enum": list(runners.EXPERIMENTS)},
+        minItems=1,
+        uniqueItems=True,
+        title="Experiments",
+        description="Which study experiments to train (in parallel, one GPU each): h1, h2, exp1, exp2.",
+    ),
+    "profile": Param(
+        SETTINGS.default_profile,
+        type="string",
+        enum=list(runners.PROFILES),
+        title="Profile",
+        description="full: the study's schedules (GPU); cpu: shrunk schedules for a CPU-only demo.",
+    ),
+    "max_epochs": Param(
+        None,
+        type=["null", "integer"],
+        minimum=1,
+        title="Max epochs",
+        description="Override every experiment's epoch count (empty: the profile's own).",
+    ),
+    "relabel_strategy": Param(
+        "auto",
+        type="string",
+        enum=list(runners.RELABEL_STRATEGIES),
+        title="Relabel strategy",
+        description=(
+            "yolo_sam2: YOLOv8 boxes -> SAM2 masks; morphology: weights-free; auto: the best available."
+        ),
+    ),
+    "bad_masks": Param(
+        None,
+        type=["null", "string"],
+        pattern=LOCATION,
+        title="Bad-mask list",
+        description=(
+            "JSON list of train masks known to be bad (like the study's bad_mask_paths.json), "
+            "s3:// or absolute path; empty: only the masks EDA scores as suspicious."
+        ),
+    ),
+    "quality_gate": Param(
+        0.75,
+        type="number",
+        minimum=0,
+        maximum=1,
+        title="Quality gate",
+        description="Minimum test mDice (fraction) of the winner to promote it.",
+    ),
+    "promote": Param(
+        True,
+        type="boolean",
+        title="Promote",
+        description="Promote a winner that passes the gate to models/production (champion/challenger).",
+    ),
+}
+
+
+def _plan(params: Any, run_id: str | None, triggering_asset_events: Any) -> dict[str, Any]:
+    params = dict(params)
+    if dataset := runners.dataset_from_events(triggering_asset_events):
+        params["dataset"] = dataset
+    try:
+        return runners.build_plan(params, run_id, LOCATION)
+    except runners.PlanError as err:
+        raise AirflowFailException(str(err)) from err
+
+
+with DAG(
+    dag_id="segmentation_pipeline",
+    description=__doc__.splitlines()[0],
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable(SETTINGS.schedule, timezone="UTC"), assets=[DATASET_ASSET]
+    ),
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    params=PARAMS,
+    user_defined_filters={"segpipe_key": runners.safe_run_id},
+    tags=["segmentation", "mmseg", SETTINGS.runner],
+    doc_md=__doc__,
+) as dag:
+    # Plans take Airflow's context by keyword (params, run_id, triggering_asset_events); a plan
+    # error fails the run before any stage, without retry.
+    @task(multiple_outputs=True, retries=0)
+    def plan(
+        params: Any = None, run_id: str | None = None, triggering_asset_events: Any = None
+    ) -> dict[str, Any]:
+        """Validate the params (and an asset event's dataset) and build every stage's command line."""
+        return _plan(params, run_id, triggering_asset_events)
+
+    @task(retries=0)
+    def plan_experiments(
+        params: Any = None, run_id: str | None = None, triggering_asset_events: Any = None
+    ) -> list[dict[str, Any]]:
+        """One spec per experiment (train and evaluate commands; docker: its own GPU, round-robin)."""
+        experiments = _plan(params, run_id, triggering_asset_events)["experiments"]
+        if SETTINGS.runner == "docker":
+            return runners.assign_gpus(experiments, runners.gpu_ids_from_env())
+        return experiments
+
+    def stage(task_id: str, command: Any, **kwargs: Any) -> Any:
+        image = SETTINGS.relabel_image if task_id == "relabel" else SETTINGS.trainer_image
+        return runners.stage_operator(
+            SETTINGS, task_id, command, image=image, execution_timeout=TIMEOUTS[task_id], **kwargs
+        )
+
+    @task_group(group_id="experiment")
+    def experiment(train: list[str], evaluate: list[str], device_requests: Any) -> None:
+        # Both commands start with [step, "--experiment", NAME]: label mapped instances by NAME.
+        label = "{{ task.command[2] }}"
+        trained = stage("train", train, gpu=True, device_requests=device_requests, map_index_template=label)
+        trained >> stage("evaluate", evaluate, map_index_template=label)
+
+    commands = plan()
+    experiments = plan_experiments()
+    (
+        commands
+        >> stage("validate", commands["validate"])
+        >> stage("eda", commands["eda"])
+        >> stage("relabel", commands["relabel"], gpu=True)
+        >> experiments
+        >> experiment.expand_kwargs(experiments)
+        # The join holds the trigger rule: select itself also depends on `plan` (its command), and a
+        # success there must not count as "one experiment succeeded".
+        >> EmptyOperator(task_id="experiments_done", trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)
+        >> stage("select", commands["select"])
+    )

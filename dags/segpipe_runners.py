@@ -1,0 +1,394 @@
+"""How the DAG `segmentation_pipeline` runs each stage's one command line: settings, plans, runners.
+
+Airflow side only (no torch/mmseg import). The DAG file is wiring; this module holds the parts worth
+testing on their own:
+
+- `Settings.from_env()`: parse-time configuration (runner, images, bucket, schedule, defaults).
+- `build_plan()`: validated params + Airflow run id -> the argument list of every stage
+  (`python -m tasks <step> ...` without the `python -m tasks` prefix), never a shell string.
+- `assign_gpus()`: one docker `DeviceRequest` per experiment, round-robin over SEGPIPE_GPU_IDS.
+- `stage_environment()`: S3 and ClearML settings from the Airflow connections `segpipe_s3` and
+  `segpipe_clearml` (else the worker's environment), resolved at run time, never written in the DAG.
+- `LocalStageOperator` (subprocess in the worker's environment) and `DockerStageOperator`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from airflow.providers.docker.operators.docker import DockerOperator
+from airflow.sdk import BaseHook, BaseOperator, Variable
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowNotFoundException
+from docker.types import DeviceRequest
+
+EXPERIMENTS = ("h1", "h2", "exp1", "exp2")
+PROFILES = ("full", "cpu")
+RELABEL_STRATEGIES = ("yolo_sam2", "morphology", "auto")
+RUNNERS = ("local", "docker")
+DEFAULT_BUCKET = "segmentation"
+DEFAULT_SCHEDULE = "0 3 * * 1"  # weekly, Monday 03:00 UTC
+DEFAULT_TRAINER_IMAGE = "segpipe-trainer:latest"
+DEFAULT_RELABEL_IMAGE = "segpipe-relabel:latest"
+S3_CONN_ID = "segpipe_s3"
+CLEARML_CONN_ID = "segpipe_clearml"
+GPU_POOL = "gpu"
+# tasks.cli exit codes that a retry cannot fix: 2 bad input, 3 quality gate failed.
+NO_RETRY_EXIT_CODES = {2: "bad input", 3: "quality gate failed"}
+# Same rule as tasks.store.check_run_id (kept here: the Airflow side does not import tasks/).
+RUN_ID_MAX = 128
+_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+
+
+class PlanError(ValueError):
+    """A param or asset-event value the pipeline refuses (the run fails before any stage)."""
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Parse-time configuration, all from the environment (the runner also from an Airflow Variable)."""
+
+    runner: str
+    bucket: str
+    schedule: str
+    trainer_image: str
+    relabel_image: str
+    docker_network: str | None
+    default_dataset: str
+    default_profile: str
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        runner = os.environ.get("SEGPIPE_RUNNER") or _variable("segpipe_runner") or "local"
+        if runner not in RUNNERS:
+            raise ValueError(f"SEGPIPE_RUNNER={runner!r}: expected one of {', '.join(RUNNERS)}")
+        bucket = os.environ.get("SEGPIPE_BUCKET") or DEFAULT_BUCKET
+        profile = os.environ.get("SEGPIPE_DEFAULT_PROFILE") or "full"
+        if profile not in PROFILES:
+            raise ValueError(f"SEGPIPE_DEFAULT_PROFILE={profile!r}: expected one of {', '.join(PROFILES)}")
+        return cls(
+            runner=runner,
+            bucket=bucket,
+            schedule=os.environ.get("SEGPIPE_SCHEDULE") or DEFAULT_SCHEDULE,
+            trainer_image=os.environ.get("SEGPIPE_TRAINER_IMAGE") or DEFAULT_TRAINER_IMAGE,
+            relabel_image=os.environ.get("SEGPIPE_RELABEL_IMAGE") or DEFAULT_RELABEL_IMAGE,
+            docker_network=os.environ.get("SEGPIPE_DOCKER_NETWORK") or None,
+            default_dataset=os.environ.get("SEGPIPE_DEFAULT_DATASET")
+            or f"s3://{bucket}/datasets/pets/latest",
+            default_profile=profile,
+        )
+
+    @property
+    def allow_local_paths(self) -> bool:
+        # A container sees no host path: the docker runner takes s3:// locations only.
+        return self.runner == "local"
+
+    @property
+    def location_pattern(self) -> str:
+        return location_pattern(self.bucket, self.allow_local_paths)
+
+
+def _variable(key: str) -> str | None:
+    # Variable.get also reads AIRFLOW_VAR_<KEY>; only consulted when SEGPIPE_RUNNER is unset.
+    return Variable.get(key, default=None)
+
+
+def location_pattern(bucket: str, allow_local: bool) -> str:
+    """JSON-schema pattern of a dataset / bad-mask location: s3://<bucket>/... or an absolute path.
+
+    '..' is refused anywhere; local paths may hold any printable character (they reach the command
+    as one inert argv item), s3 keys only [A-Za-z0-9._/-].
+    """
+    s3 = f"s3://{re.escape(bucket)}/[A-Za-z0-9._/-]+"
+    local = r"|/[^\x00-\x1f\x7f]*" if allow_local else ""
+    # (?!.*\n): Python's `$` also matches before a final newline.
+    return rf"^(?!.*\.\.)(?!.*\n)(?:{s3}{local})$"
+
+
+def check_location(value: str, pattern: str, what: str) -> str:
+    if not isinstance(value, str) or not re.match(pattern, value):
+        raise PlanError(f"{what} {value!r} is not allowed: it must match {pattern}")
+    return value
+
+
+def safe_run_id(airflow_run_id: str) -> str:
+    """Airflow run id -> artifact-key-safe run id, the same for every task of a run.
+
+    `manual__2026-11-25T18:00:00+00:00` -> `manual__2026-11-25T18-00-00-00-00`.
+    """
+    key = _UNSAFE_KEY_CHARS.sub("-", airflow_run_id)
+    if not key[:1].isalnum():
+        key = "r" + key
+    return key[:RUN_ID_MAX]
+
+
+# ---------------------------------------------------------------- plans
+
+
+def dataset_from_events(triggering_asset_events: Mapping[Any, Sequence[Any]] | None) -> str | None:
+    """The dataset location a producer named in the newest triggering asset event (extra.dataset)."""
+    events = [event for seq in (triggering_asset_events or {}).values() for event in seq]
+    named = [event for event in events if (event.extra or {}).get("dataset")]
+    if not named:
+        return None
+    return max(named, key=lambda event: event.timestamp).extra["dataset"]
+
+
+def check_params(params: Mapping[str, Any], pattern: str) -> dict[str, Any]:
+    """Run-time re-check of what the Param schema already enforced (and of asset-event values)."""
+    experiments = list(params["experiments"])
+    unknown = sorted(set(experiments) - set(EXPERIMENTS))
+    if not experiments or unknown or len(set(experiments)) != len(experiments):
+        raise PlanError(f"experiments {experiments!r}: a non-empty set of {', '.join(EXPERIMENTS)}")
+    if params["profile"] not in PROFILES:
+        raise PlanError(f"profile {params['profile']!r}: expected one of {', '.join(PROFILES)}")
+    if params["relabel_strategy"] not in RELABEL_STRATEGIES:
+        raise PlanError(f"relabel_strategy {params['relabel_strategy']!r}: expected {RELABEL_STRATEGIES}")
+    max_epochs = params["max_epochs"]
+    if max_epochs is not None and (isinstance(max_epochs, bool) or not isinstance(max_epochs, int)):
+        raise PlanError(f"max_epochs {max_epochs!r}: expected a positive integer or null")
+    if max_epochs is not None and max_epochs < 1:
+        raise PlanError(f"max_epochs {max_epochs!r}: expected a positive integer or null")
+    gate = params["quality_gate"]
+    if isinstance(gate, bool) or not isinstance(gate, int | float) or not 0 <= gate <= 1:
+        raise PlanError(f"quality_gate {gate!r}: expected a number between 0 and 1")
+    if not isinstance(params["promote"], bool):
+        raise PlanError(f"promote {params['promote']!r}: expected true or false")
+    check_location(params["dataset"], pattern, "dataset")
+    if params["bad_masks"] is not None:
+        check_location(params["bad_masks"], pattern, "bad_masks")
+    return {**params, "experiments": experiments}
+
+
+def build_plan(params: Mapping[str, Any], airflow_run_id: str, pattern: str) -> dict[str, Any]:
+    """Every stage's argument list for one run (`python -m tasks` + these items).
+
+    Params become single argv items (never parsed by a shell); every value is validated first and
+    locations start with '/' or 's3://', so none can be read as an option.
+    """
+    p = check_params(params, pattern)
+    run_id = safe_run_id(airflow_run_id)
+    dataset = p["dataset"]
+    recorded = {**p, "airflow_run_id": airflow_run_id}
+    relabel = ["relabel", "--run-id", run_id, "--dataset", dataset, "--strategy", p["relabel_strategy"]]
+    if p["bad_masks"] is not None:
+        relabel += ["--bad-masks", p["bad_masks"]]
+    select = ["select", "--run-id", run_id, "--gate", str(p["quality_gate"])]
+    select += ["--experiments", ",".join(p["experiments"])]
+    if not p["promote"]:
+        select.append("--no-promote")
+    experiments = []
+    for name in p["experiments"]:
+        # "--experiment NAME" first: the DAG's map_index_template labels mapped tasks with item 2.
+        train = ["train", "--experiment", name, "--run-id", run_id, "--dataset", dataset]
+        train += ["--profile", p["profile"]]
+        if p["max_epochs"] is not None:
+            train += ["--max-epochs", str(p["max_epochs"])]
+        evaluate = ["evaluate", "--experiment", name, "--run-id", run_id, "--split", "test"]
+        evaluate += ["--dataset", dataset]
+        experiments.append({"name": name, "train": train, "evaluate": evaluate, "device_requests": None})
+    return {
+        "run_id": run_id,
+        "validate": ["validate", dataset, "--run-id", run_id, "--params-json", json.dumps(recorded)],
+        "eda": ["eda", "--run-id", run_id, "--dataset", dataset],
+        "relabel": relabel,
+        "experiments": experiments,
+        "select": select,
+    }
+
+
+def gpu_ids_from_env() -> list[str]:
+    """SEGPIPE_GPU_IDS='0,1,2,3' (default '0'): the GPU ids docker may hand to trainings."""
+    ids = [i.strip() for i in (os.environ.get("SEGPIPE_GPU_IDS") or "0").split(",") if i.strip()]
+    if not ids or not all(re.fullmatch(r"[A-Za-z0-9-]+", i) for i in ids):
+        raise PlanError(f"SEGPIPE_GPU_IDS={os.environ.get('SEGPIPE_GPU_IDS')!r}: expected e.g. '0,1,2,3'")
+    return ids
+
+
+def gpu_request(device_ids: list[str] | None = None) -> dict[str, Any]:
+    """A docker-py DeviceRequest as the plain dict it is (JSON-safe for XCom).
+
+    DeviceRequest subclasses dict with API-cased keys (Driver, Count, DeviceIDs, ...), and docker-py's
+    create_host_config rebuilds a DeviceRequest from such a dict, so the plain dict round-trips.
+    """
+    if device_ids:
+        return dict(DeviceRequest(device_ids=device_ids, capabilities=[["gpu"]]))
+    return dict(DeviceRequest(count=1, capabilities=[["gpu"]]))
+
+
+def assign_gpus(experiments: list[dict[str, Any]], gpu_ids: list[str]) -> list[dict[str, Any]]:
+    """One GPU per experiment, round-robin: parallel trainings on one host get different GPUs."""
+    return [
+        {**spec, "device_requests": [gpu_request([gpu_ids[index % len(gpu_ids)]])]}
+        for index, spec in enumerate(experiments)
+    ]
+
+
+# ---------------------------------------------------------------- credentials at run time
+
+
+def _connection(conn_id: str) -> Any | None:
+    try:
+        return BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        return None
+
+
+def stage_environment() -> dict[str, str]:
+    """S3 and ClearML settings for a stage, read when the task runs (never stored in the DAG).
+
+    From the connection `segpipe_s3` (aws: login/password, extra endpoint_url, region_name) when it
+    exists, else the worker's AWS_* variables; from `segpipe_clearml` (login/password = API keys,
+    host = API server, extra web_host/files_host) when it exists, else the worker's CLEARML_*.
+    """
+    env = {"SEGPIPE_BUCKET": os.environ.get("SEGPIPE_BUCKET") or DEFAULT_BUCKET}
+    if s3 := _connection(S3_CONN_ID):
+        extra = s3.extra_dejson
+        env |= {"AWS_ACCESS_KEY_ID": s3.login or "", "AWS_SECRET_ACCESS_KEY": s3.password or ""}
+        if endpoint := extra.get("endpoint_url"):
+            env["AWS_ENDPOINT_URL"] = endpoint
+        if region := extra.get("region_name"):
+            env["AWS_DEFAULT_REGION"] = region
+    else:
+        env |= {key: value for key, value in os.environ.items() if key.startswith("AWS_")}
+    if clearml := _connection(CLEARML_CONN_ID):
+        extra = clearml.extra_dejson
+        scheme = clearml.schema or "http"
+        port = f":{clearml.port}" if clearml.port else ""
+        env |= {
+            "CLEARML_API_HOST": extra.get("api_host") or f"{scheme}://{clearml.host}{port}",
+            "CLEARML_API_ACCESS_KEY": clearml.login or "",
+            "CLEARML_API_SECRET_KEY": clearml.password or "",
+        }
+        env |= {f"CLEARML_{key.upper()}": extra[key] for key in ("web_host", "files_host") if key in extra}
+    else:
+        # tasks.tracking runs offline unless these name a server.
+        env |= {key: value for key, value in os.environ.items() if key.startswith("CLEARML_")}
+    return env
+
+
+# ---------------------------------------------------------------- runners
+
+
+def _check_command(command: Any) -> list[str]:
+    if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
+        raise AirflowFailException(f"a stage command must be a non-empty list of strings, got {command!r}")
+    return command
+
+
+class LocalStageOperator(BaseOperator):
+    """`python -m tasks <command...>` as a subprocess of the worker, its output streamed to the log.
+
+    Exit 2 (bad input) and 3 (quality gate) fail the task without retry; any other non-zero exit
+    fails it and lets Airflow retry.
+    """
+
+    template_fields: Sequence[str] = ("command",)
+    ui_color = "#e8f4e8"
+
+    def __init__(self, *, command: list[str] | Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.command = command
+        self._proc: subprocess.Popen | None = None
+
+    def execute(self, context: Any) -> None:
+        argv = [sys.executable, "-m", "tasks", *_check_command(self.command)]
+        self.log.info("running: %s", shlex.join(argv))
+        self._proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **stage_environment()},
+            text=True,
+            errors="replace",
+            start_new_session=True,  # its own process group: a timeout or kill stops all of it
+        )
+        try:
+            for line in self._proc.stdout:
+                self.log.info("%s", line.rstrip())
+            code = self._proc.wait()
+        finally:
+            self._stop()
+        if code in NO_RETRY_EXIT_CODES:
+            raise AirflowFailException(f"{argv[3]} exited {code} ({NO_RETRY_EXIT_CODES[code]}): not retried")
+        if code != 0:
+            raise AirflowException(f"{argv[3]} exited {code}")
+
+    def _stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
+
+    def on_kill(self) -> None:
+        self._stop()
+
+
+class DockerStageOperator(DockerOperator):
+    """DockerOperator for one stage: credentials and GPUs resolved when the task runs.
+
+    `device_requests` is made templated so a planned, per-experiment value (an XComArg or a mapped
+    task group argument) reaches docker; credentials go to `private_environment`, which is neither
+    templated nor rendered in the UI.
+    """
+
+    template_fields: Sequence[str] = (*DockerOperator.template_fields, "device_requests")
+
+    def execute(self, context: Any) -> Any:
+        self._private_environment = {**self._private_environment, **stage_environment()}
+        return super().execute(context)
+
+
+def stage_operator(
+    settings: Settings,
+    task_id: str,
+    command: Any,
+    *,
+    image: str,
+    gpu: bool = False,
+    device_requests: Any = None,
+    **kwargs: Any,
+) -> BaseOperator:
+    """The operator that runs one stage command with the configured runner.
+
+    docker: a GPU stage asks for `device_requests` (default: any one GPU), takes a slot of the `gpu`
+    pool (slots = GPUs) and goes to the `gpu` queue; containers are named per run, task, map index
+    and try (a retry never collides with the container a failed try left behind).
+    """
+    if settings.runner == "local":
+        return LocalStageOperator(task_id=task_id, command=command, **kwargs)
+    if gpu:
+        kwargs |= {"pool": GPU_POOL, "queue": GPU_POOL}
+    return DockerStageOperator(
+        task_id=task_id,
+        command=command,
+        image=image,
+        container_name=CONTAINER_NAME,
+        auto_remove="success",  # a failed container stays for `docker logs`; its name is per try
+        mount_tmp_dir=False,
+        network_mode=settings.docker_network,
+        device_requests=(device_requests or [gpu_request()]) if gpu else None,
+        **kwargs,
+    )
+
+
+# Docker container names allow [a-zA-Z0-9][a-zA-Z0-9_.-]: run ids go through safe_run_id.
+CONTAINER_NAME = (
+    "segpipe-{{ run_id | segpipe_key }}-{{ ti.task_id }}"
+    "{{ '-%d' % ti.map_index if ti.map_index >= 0 else '' }}-try{{ ti.try_number }}"
+)

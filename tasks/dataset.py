@@ -1,0 +1,366 @@
+"""The study's dataset layout: reading images and masks, validating a dataset, its content hash.
+
+Layout (one stem per sample, shared by the image and its masks):
+    images/{train,val,test}/<stem>.jpg|.jpeg|.png
+    labels/{train,val,test}/<stem>.png          single channel, values 0 background, 1 cat, 2 dog, 255 ignore
+    labels_sam2/<split>/<stem>.png              optional relabeled copy (a split present here is complete)
+    labels_clean/train/, defects.json           optional, written by `synth` (truth about injected defects)
+
+Image colour policy (the same in `read_image` and `validate`): mmseg loads images with
+color_type='color', so grayscale, palette, RGBA, CMYK... images become 3-channel RGB (alpha dropped).
+Such images are CONVERTED, and `validate` lists each one under "converted" (never silently). Images
+whose conversion is ambiguous are REFUSED: high bit depth (16-bit/float) and EXIF-rotated images
+(mmseg's cv2 loader rotates the image but not its mask).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from tasks.errors import InputError
+
+log = logging.getLogger(__name__)
+
+CLASSES = ("background", "cat", "dog")
+IGNORE_INDEX = 255
+SPLITS = ("train", "val", "test")
+LABEL_VALUES = (*range(len(CLASSES)), IGNORE_INDEX)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+MASK_SUFFIXES = (".png",)  # lossless only: JPEG would smear label values
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG")  # MPO: multi-picture JPEG written by some cameras
+REFUSED_IMAGE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # no agreed 8-bit conversion
+LABEL_DIRS = ("labels", "labels_sam2")
+# What the version covers: everything the pipeline reads from a dataset. labels_clean/ and
+# defects.json are included because EDA/relabel read them (given bad-mask list, relabel quality):
+# a change there must change the version, or content-cached stage outputs would go stale. Other
+# files beside them (a README, synth.json provenance) do not change the version.
+HASHED_DIRS = ("images", "labels", "labels_sam2", "labels_clean")
+HASHED_FILES = ("defects.json",)
+VERSION_CHARS = 16
+EXIF_ORIENTATION = 0x0112
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the 12-byte IEND chunk every complete PNG ends with
+
+
+# ---------------------------------------------------------------- reading one file
+
+
+def _decode(path: Path, formats: Iterable[str]) -> Image.Image:
+    """Fully decode a file (a header check misses truncation); InputError naming it if it fails."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise InputError(f"{path}: cannot read ({err.strerror or err})") from err
+    # Another library may have switched PIL to tolerate truncated files; validation never does.
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: truncated files would pass")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        raise InputError(f"{path}: corrupt or truncated image ({type(err).__name__}: {err})") from err
+    if image.format not in formats:
+        raise InputError(f"{path}: {image.format} data, expected {'/'.join(formats)}")
+    # PIL decodes a PNG cut right after its pixel data without complaint: the missing IEND tells.
+    if image.format == "PNG" and not data.endswith(PNG_END):
+        raise InputError(f"{path}: corrupt or truncated image (PNG does not end with an IEND chunk)")
+    return image
+
+
+def _image_rgb(path: Path) -> tuple[np.ndarray, str | None]:
+    """(H, W, 3) uint8 RGB and the original mode when it had to be converted (else None)."""
+    image = _decode(path, IMAGE_FORMATS)
+    if image.mode in REFUSED_IMAGE_MODES:
+        raise InputError(f"{path}: {image.mode} image (high bit depth) is refused: convert it to 8-bit RGB")
+    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    if orientation != 1:
+        raise InputError(
+            f"{path}: EXIF orientation {orientation} is refused (mmseg would rotate the image but not "
+            "its mask): store the pixels upright"
+        )
+    if image.mode == "RGB":
+        return np.asarray(image), None
+    return np.asarray(image.convert("RGB")), image.mode
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An image as (H, W, 3) uint8 RGB, converted like mmseg's color loading (module docstring)."""
+    return _image_rgb(Path(path))[0]
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A mask as (H, W) uint8; InputError naming the file if it has several channels or bad values."""
+    path = Path(path)
+    image = _decode(path, ("PNG",))
+    bands = len(image.getbands())
+    if bands != 1:
+        raise InputError(f"{path}: mask has {bands} channels (mode {image.mode}), expected 1 channel")
+    values = np.asarray(image)
+    # Checked before the cast to uint8, so a 16-bit 256 cannot wrap around to 0.
+    counts = np.bincount(values.ravel().astype(np.int64, copy=False), minlength=256)
+    bad = [v for v in np.flatnonzero(counts) if v not in LABEL_VALUES]
+    if bad:
+        shown = ", ".join(str(v) for v in bad[:10]) + (", ..." if len(bad) > 10 else "")
+        raise InputError(
+            f"{path}: label values {shown} outside {{{', '.join(map(str, LABEL_VALUES))}}} "
+            f"({int(counts[bad].sum())} px)"
+        )
+    return values.astype(np.uint8, copy=False)
+
+
+# ---------------------------------------------------------------- layout
+
+
+def _index(root: Path, directory: str, suffixes: tuple[str, ...]) -> tuple[dict[str, Path], list[str]]:
+    """stem -> file of one split folder, plus a problem per file that is not a sample."""
+    stems: dict[str, Path] = {}
+    problems = []
+    with os.scandir(root / directory) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            rel = f"{directory}/{entry.name}"
+            stem, suffix = os.path.splitext(entry.name)
+            if not entry.is_file():
+                problems.append(f"{rel}: not a file (a split folder holds only {'/'.join(suffixes)} files)")
+            elif suffix.lower() not in suffixes:
+                problems.append(f"{rel}: unexpected file type, expected {'/'.join(suffixes)}")
+            elif stem in stems:
+                problems.append(f"{rel}: second file for stem {stem!r} (also {stems[stem].name})")
+            else:
+                stems[stem] = Path(entry.path)
+    return stems, problems
+
+
+@dataclass
+class _SplitIndex:
+    pairs: list[tuple[Path, Path]] = field(default_factory=list)
+    images: int = 0
+    masks: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def _split_index(root: Path, split: str, labels_dir: str, required: bool = True) -> _SplitIndex | None:
+    """Match images/<split> with <labels_dir>/<split> by stem; None when an optional folder is absent."""
+    image_dir, mask_dir = f"images/{split}", f"{labels_dir}/{split}"
+    has_images, has_masks = (root / image_dir).is_dir(), (root / mask_dir).is_dir()
+    if not has_masks and not required:
+        return None
+    index = _SplitIndex()
+    missing = [d for d, present in ((image_dir, has_images), (mask_dir, has_masks)) if not present]
+    if missing:
+        # Per-file pairing problems would only repeat that a whole folder is missing.
+        index.problems += [f"{d}: split folder missing" for d in missing]
+        return index
+    images, image_problems = _index(root, image_dir, IMAGE_SUFFIXES)
+    masks, mask_problems = _index(root, mask_dir, MASK_SUFFIXES)
+    index.images, index.masks = len(images), len(masks)
+    index.problems += image_problems + mask_problems
+    if not images:
+        index.problems.append(f"{image_dir}: split is empty (no images)")
+    if not masks:
+        index.problems.append(f"{mask_dir}: split is empty (no masks)")
+    for stem in sorted(images.keys() | masks.keys()):
+        if stem not in masks:
+            index.problems.append(
+                f"{image_dir}/{images[stem].name}: image without mask ({mask_dir}/{stem}.png)"
+            )
+        elif stem not in images:
+            index.problems.append(f"{mask_dir}/{masks[stem].name}: mask without image in {image_dir}")
+        else:
+            index.pairs.append((images[stem], masks[stem]))
+    return index
+
+
+def list_pairs(root: Path, split: str, labels_dir: str = "labels") -> list[tuple[Path, Path]]:
+    """(image, mask) paths of a split sorted by stem; InputError if the split is not fully paired."""
+    index = _split_index(Path(root), split, labels_dir)
+    if index.problems:
+        raise InputError(index.problems)
+    return index.pairs
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check_pair(
+    root: Path, image_path: Path, mask_path: Path, check_image: bool
+) -> tuple[list[str], dict | None]:
+    """Problems of one sample and its conversion record; decodes both files fully."""
+    problems, converted, image_shape = [], None, None
+    if check_image:
+        try:
+            pixels, mode = _image_rgb(image_path)
+            image_shape = pixels.shape[:2]
+            if mode is not None:
+                converted = {"file": image_path.relative_to(root).as_posix(), "mode": mode, "to": "RGB"}
+        except InputError as err:
+            problems += err.problems
+    else:
+        try:  # a relabeled mask: its image is checked in the labels/ pass, only its size matters here
+            with Image.open(image_path) as image:
+                image_shape = (image.height, image.width)
+        except (OSError, UnidentifiedImageError):
+            pass  # reported by the labels/ pass already
+    try:
+        mask = read_mask(mask_path)
+        if image_shape is not None and mask.shape != image_shape:
+            problems.append(
+                f"{mask_path}: mask size {mask.shape[1]}x{mask.shape[0]} differs from image "
+                f"{image_path.name} {image_shape[1]}x{image_shape[0]} (width x height)"
+            )
+    except InputError as err:
+        problems += err.problems
+    # Absolute paths came from the decoders: name files relative to the dataset root instead.
+    prefix = f"{root}{os.sep}"
+    return [p.removeprefix(prefix) for p in problems], converted
+
+
+def _workers() -> int:
+    # Decoding is mostly GIL-free C (zlib, libjpeg): threads scale with cores without copying arrays.
+    return min(8, os.cpu_count() or 1)
+
+
+def _checked(root: Path, jobs: list[tuple[Path, Path, bool]]) -> Iterator[tuple[list[str], dict | None]]:
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        yield from pool.map(lambda job: _check_pair(root, *job), jobs)
+
+
+def validate_dataset(root: Path, splits: Iterable[str] = SPLITS) -> dict:
+    """Check every sample of every split (and of labels_sam2 where present); return the summary.
+
+    Raises InputError with one line per problem, each naming the file (relative to root), covering
+    all problems found, not just the first. Files are decoded one at a time (streaming), in threads.
+    """
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise InputError(f"{root}: dataset directory not found")
+    problems: list[str] = []
+    converted: list[dict] = []
+    summary_splits: dict[str, dict] = {}
+    for split in splits:
+        index = _split_index(root, split, "labels")
+        counts = {"images": index.images, "masks": index.masks}
+        jobs = [(image, mask, True) for image, mask in index.pairs]
+        relabeled = _split_index(root, split, "labels_sam2", required=False)
+        if relabeled is not None:
+            counts["masks_sam2"] = relabeled.masks
+            # A relabeled copy replaces labels/ for training: it must cover every image, not a subset.
+            problems += relabeled.problems
+            jobs += [(image, mask, False) for image, mask in relabeled.pairs]
+        problems += index.problems
+        summary_splits[split] = counts
+        for found, record in _checked(root, jobs):
+            problems += found
+            if record is not None:
+                converted.append(record)
+    if problems:
+        raise InputError(list(dict.fromkeys(problems)))  # a missing images/ folder shows up once
+    for record in converted:
+        log.warning("%s: %s image converted to RGB", record["file"], record["mode"])
+    return {
+        "root": str(root),
+        "version": content_hash(root),
+        "splits": summary_splits,
+        "converted": converted,
+    }
+
+
+# ---------------------------------------------------------------- version
+
+
+def _hashed_files(root: Path) -> list[str]:
+    found = [name for name in HASHED_FILES if (root / name).is_file()]
+    for top in HASHED_DIRS:
+        for folder, dirs, files in os.walk(root / top):
+            dirs.sort()
+            rel_folder = Path(folder).relative_to(root).as_posix()
+            found += [f"{rel_folder}/{name}" for name in files]
+    return sorted(found)
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def content_hash(root: Path) -> str:
+    """The dataset version: sha256 over the sorted (relative path, sha256 of bytes) of the files the
+    pipeline reads (HASHED_DIRS, HASHED_FILES), first 16 hex chars. Independent of mtimes and of where
+    the dataset lives, so a local copy and its S3 upload have the same version."""
+    root = Path(root)
+    files = _hashed_files(root)
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        digests = pool.map(lambda rel: _file_sha256(root / rel), files)
+        outer = hashlib.sha256()
+        for rel, digest in zip(files, digests, strict=True):
+            outer.update(f"{rel}\0{digest}\n".encode())
+    return outer.hexdigest()[:VERSION_CHARS]
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", metavar="PATH_OR_S3_URI", help="local dataset dir or s3://bucket/prefix")
+    parser.add_argument(
+        "--run-id",
+        help="record the dataset version and params in runs/<id>/manifest.json (uploads a local dir)",
+    )
+    parser.add_argument(
+        "--params-json", help="the run's parameters (JSON object) for the manifest; needs --run-id"
+    )
+
+
+def _params(params_json: str | None) -> dict:
+    if params_json is None:
+        return {}
+    try:
+        params = json.loads(params_json)
+    except json.JSONDecodeError as err:
+        raise InputError(f"--params-json: not valid JSON ({err})") from err
+    if not isinstance(params, dict):
+        raise InputError(f"--params-json: expected a JSON object, got {type(params).__name__}")
+    return params
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.params_json is not None and args.run_id is None:
+        raise InputError("--params-json needs --run-id (the params go to that run's manifest)")
+    params = _params(args.params_json)
+    remote = args.dataset.startswith("s3://")
+    if not (remote or args.run_id):
+        # Offline path: no store involved at all.
+        print(json.dumps(validate_dataset(Path(args.dataset)), indent=2))
+        return 0
+
+    from tasks import store as store_module  # boto3 only when a store is actually used
+
+    store = store_module.Store.from_env()
+    if args.run_id is not None:
+        store_module.check_run_id(args.run_id)
+    if remote:
+        ref = store_module.materialize_dataset(args.dataset, store)
+        summary = validate_dataset(ref.root)
+    else:
+        summary = validate_dataset(Path(args.dataset))  # before uploading: never publish a bad dataset
+        ref = store_module.materialize_dataset(args.dataset, store)
+    summary["uri"] = ref.uri
+    if args.run_id is not None:
+        dataset = {"name": ref.name, "version": ref.version, "uri": ref.uri, "splits": summary["splits"]}
+        dataset["converted"] = len(summary["converted"])
+        store_module.update_manifest(
+            store, args.run_id, dataset=dataset, params=params, started_at=store_module.utc_now()
+        )
+        log.info("run %s: dataset %s version %s recorded in the manifest", args.run_id, ref.name, ref.version)
+    print(json.dumps(summary, indent=2))
+    return 0

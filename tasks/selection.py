@@ -1,0 +1,497 @@
+"""Select: winner by val mDice, quality gate on its test mDice, champion/challenger promotion, report.
+
+Rule (the study's): the winner is the experiment with the highest validation mDice. Test metrics are
+reported, never used to choose. Ties (mmseg reports 2 decimals, so equal values happen) go to the
+higher val mIoU, then to the earlier experiment in the fixed order h1, h2, exp1, exp2 (the simpler
+setting wins a full tie).
+Gate: the winner's test mDice / 100 must exceed the gate (a fraction, default 0.75), else nothing is
+promoted, winner.json/report.md say so and the step exits 3.
+Champion/challenger: the winner replaces models/production/ only if its test mDice beats the
+champion's on the same test set, i.e. the same dataset version (recorded in model_card.json;
+strictly: an equal score keeps the champion). A champion measured on another dataset version
+cannot be compared, and re-evaluating it is not this step's job (its checkpoint may need another
+image), so the gated winner is promoted and winner.json records why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks import store as st
+from tasks.errors import InputError, QualityGateError
+
+log = logging.getLogger(__name__)
+
+EXPERIMENTS = ("h1", "h2", "exp1", "exp2")  # also the last tie-break: earlier wins
+DEFAULT_GATE = 0.75
+SUMMARY_KEYS = ("aAcc", "mIoU", "mAcc", "mDice")
+CLASS_KEYS = ("IoU", "Dice", "Acc")
+# Friendly names of the decode heads the study compares (the configs hold the rest).
+MODEL_FAMILIES = {"DepthwiseSeparableASPPHead": "DeepLabV3+", "SegformerHead": "SegFormer"}
+# Pipeline steps that load or pack data, not augment it.
+NOT_AUGMENTATION = ("LoadImageFromFile", "LoadAnnotations", "PackSegInputs", "Resize")
+TIE_BREAK = "higher val mDice; tie -> higher val mIoU; tie -> fixed order " + ", ".join(EXPERIMENTS)
+
+
+class NoCandidateError(RuntimeError):
+    """None of the requested experiments has published train and eval outputs."""
+
+
+@dataclass
+class Candidate:
+    experiment: str
+    val: dict
+    test: dict
+    checkpoint_key: str  # the evaluated checkpoint, a key under the train stage's prefix
+    description: dict = field(default_factory=dict)
+    rank: int = 0
+
+    def sort_key(self) -> tuple:
+        return (-self.val["mDice"], -self.val["mIoU"], EXPERIMENTS.index(self.experiment))
+
+    def class_value(self, split: str, cls: str, key: str) -> float | None:
+        return (self.val if split == "val" else self.test)["per_class"].get(cls, {}).get(key)
+
+
+# ---------------------------------------------------------------- reading the stages' outputs
+
+
+def parse_experiments(text: str) -> list[str]:
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if not names or unknown:
+        raise InputError(f"--experiments {text!r}: expected a comma list of {', '.join(EXPERIMENTS)}")
+    return names
+
+
+def _check_metrics(doc: Any, key: str, text_keys: tuple[str, ...] = ()) -> list[str]:
+    if not isinstance(doc, dict):
+        return [f"{key}: not a JSON object"]
+    problems = [
+        f"{key}: '{name}' missing or not a number"
+        for name in SUMMARY_KEYS
+        if not isinstance(doc.get(name), int | float)
+    ]
+    problems += [
+        f"{key}: '{name}' missing or not a string" for name in text_keys if not isinstance(doc.get(name), str)
+    ]
+    per_class = doc.get("per_class")
+    if not isinstance(per_class, dict) or not all(isinstance(v, dict) for v in per_class.values()):
+        problems.append(f"{key}: 'per_class' missing or not a mapping of class -> metrics")
+    return problems
+
+
+def describe_config(config_text: str, key: str) -> dict[str, str]:
+    """model / augmentation / weighting of an experiment, read from its published resolved config."""
+    from mmengine.config import Config
+
+    with tempfile.TemporaryDirectory(dir=st.work_dir()) as tmp:
+        path = Path(tmp) / "config.py"
+        path.write_text(config_text)
+        try:
+            # no custom_imports: reading settings needs no registry (and select stays free of mmseg)
+            return _describe(Config.fromfile(path, import_custom_modules=False))
+        except Exception as err:  # a syntax error or a missing setting: name the file and the problem
+            raise InputError(
+                f"{key}: cannot describe this mmseg config ({type(err).__name__}: {err})"
+            ) from err
+
+
+def _describe(cfg) -> dict[str, str]:
+    head, backbone = cfg.model.decode_head, cfg.model.backbone
+    family = MODEL_FAMILIES.get(head.type, head.type)
+    depth = f"-{backbone.depth}" if "depth" in backbone else ""
+    optimizer = cfg.optim_wrapper.optimizer
+    model = f"{family} ({head.type}), {backbone.type}{depth}; {optimizer.type} lr {optimizer.lr:g}"
+    if optimizer.get("weight_decay"):
+        model += f" wd {optimizer.weight_decay:g}"
+
+    dataset = cfg.train_dataloader.dataset
+    while "pipeline" not in dataset and "dataset" in dataset:  # dataset wrappers (RepeatDataset, ...)
+        dataset = dataset.dataset
+    pipeline = dataset.pipeline
+    steps = [
+        f"RandomFlip {t.get('prob')}" if t.type == "RandomFlip" else t.type
+        for t in pipeline
+        if t.type not in NOT_AUGMENTATION
+    ]
+
+    losses = head.loss_decode if isinstance(head.loss_decode, list) else [head.loss_decode]
+    weights = [loss.class_weight for loss in losses if loss.get("class_weight")]
+    weighting = f"CE class_weight {list(weights[0])}" if weights else "none"
+    return {"model": model, "augmentation": " + ".join(steps) or "none", "weighting": weighting}
+
+
+def load_candidate(store: st.Store, run_id: str, experiment: str) -> Candidate | str:
+    """The experiment's val/test metrics, or a string saying why it has none (a failed experiment)."""
+    train_prefix = st.stage_prefix(run_id, "train", experiment)
+    eval_prefix = st.stage_prefix(run_id, "eval", experiment)
+    train_marker = store.marker(train_prefix)
+    if train_marker is None:
+        return f"train stage has not published outputs ({store.uri(train_prefix)}/)"
+    eval_marker = store.marker(eval_prefix)
+    if eval_marker is None:
+        return f"evaluate stage has not published outputs ({store.uri(eval_prefix)}/)"
+    val_key, test_key = f"{train_prefix}/val_metrics.json", f"{eval_prefix}/test_metrics.json"
+    missing = [
+        key
+        for key, marker, prefix in (
+            (val_key, train_marker, train_prefix),
+            (test_key, eval_marker, eval_prefix),
+        )
+        if key[len(prefix) + 1 :] not in marker["files"]
+    ]
+    if missing:
+        return f"published outputs lack {', '.join(store.uri(k) for k in missing)}"
+    val, test = store.get_json(val_key), store.get_json(test_key)
+    problems = _check_metrics(val, store.uri(val_key)) + _check_metrics(
+        test, store.uri(test_key), ("checkpoint", "checkpoint_sha256", "dataset_version")
+    )
+    if problems:
+        return "; ".join(problems)
+    checkpoint_key = test["checkpoint"]
+    checkpoint = checkpoint_key.removeprefix(f"{train_prefix}/")
+    if checkpoint == checkpoint_key or checkpoint not in train_marker["files"]:
+        return (
+            f"{store.uri(test_key)}: checkpoint {checkpoint_key!r} is not one of {store.uri(train_prefix)}/"
+        )
+    if test.get("checkpoint_sha256") != train_marker["files"][checkpoint]:
+        return (
+            f"{store.uri(test_key)} evaluated another version of {store.uri(checkpoint_key)} "
+            "(stale evaluation: re-run evaluate)"
+        )
+    config_key = f"{train_prefix}/config.py"
+    try:
+        description = describe_config(store.get_text(config_key), store.uri(config_key))
+    except InputError as err:
+        return str(err)
+    return Candidate(experiment, val, test, checkpoint_key, description)
+
+
+# ---------------------------------------------------------------- the decision
+
+
+def rank(candidates: list[Candidate]) -> list[Candidate]:
+    ordered = sorted(candidates, key=Candidate.sort_key)
+    for position, candidate in enumerate(ordered, start=1):
+        candidate.rank = position
+    return ordered
+
+
+def current_champion(store: st.Store) -> dict | None:
+    marker = store.marker(st.PRODUCTION_PREFIX)
+    if marker is None or "model_card.json" not in marker["files"]:
+        return None
+    return store.get_json(f"{st.PRODUCTION_PREFIX}/model_card.json")
+
+
+def champion_decision(winner: Candidate, champion: dict | None, run_id: str) -> tuple[bool, str]:
+    """(replace the champion?, why) for a winner that passed the gate."""
+    if champion is None:
+        return True, "no champion in production yet"
+    ours = winner.test["mDice"]
+    theirs = champion.get("test_metrics", {}).get("mDice")
+    same_model = (
+        champion.get("run_id") == run_id
+        and champion.get("experiment") == winner.experiment
+        and champion.get("checkpoint_sha256") == winner.test.get("checkpoint_sha256")
+    )
+    if same_model:
+        return False, "the winner already is the production champion"
+    if champion.get("dataset_version") != winner.test["dataset_version"] or theirs is None:
+        return True, (
+            f"champion was tested on dataset version {champion.get('dataset_version')}, the winner on "
+            f"{winner.test['dataset_version']}: not comparable, and re-evaluating the champion is not "
+            "part of this step, so the gated winner is promoted"
+        )
+    if ours > theirs:
+        return True, f"winner test mDice {ours} > champion {theirs} on the same test set"
+    return False, f"winner test mDice {ours} <= champion {theirs} on the same test set: champion kept"
+
+
+def model_card(run_id: str, winner: Candidate, champion: dict | None, gate: float) -> dict:
+    previous = None
+    if champion is not None:
+        previous = {
+            k: champion.get(k) for k in ("run_id", "experiment", "checkpoint_sha256", "dataset_version")
+        }
+        previous["test_mDice"] = champion.get("test_metrics", {}).get("mDice")
+    return {
+        "run_id": run_id,
+        "experiment": winner.experiment,
+        "description": winner.description,
+        "promoted_at": st.utc_now(),
+        "checkpoint": winner.checkpoint_key,
+        "checkpoint_sha256": winner.test["checkpoint_sha256"],
+        "dataset_version": winner.test["dataset_version"],
+        "dataset_uri": winner.test.get("dataset_uri"),
+        "test_split": winner.test.get("split", "test"),
+        "val_metrics": winner.val,
+        "test_metrics": winner.test,
+        "gate": gate,
+        "selection_rule": TIE_BREAK,
+        "previous_champion": previous,
+    }
+
+
+def promote(store: st.Store, run_id: str, winner: Candidate, card: dict) -> None:
+    """Publish checkpoint, config and card to models/production/ (its _SUCCESS marker goes last)."""
+    train_prefix = st.stage_prefix(run_id, "train", winner.experiment)
+    with tempfile.TemporaryDirectory(dir=st.work_dir()) as tmp:
+        out = Path(tmp)
+        # download_file verifies each object's recorded sha256
+        store.download_file(winner.checkpoint_key, out / "model.pth")
+        store.download_file(f"{train_prefix}/config.py", out / "config.py")
+        (out / "model_card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+        inputs = {
+            "run_id": run_id,
+            "experiment": winner.experiment,
+            "checkpoint_sha256": card["checkpoint_sha256"],
+        }
+        store.publish(out, st.PRODUCTION_PREFIX, inputs=inputs)
+
+
+# ---------------------------------------------------------------- report
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def render_report(run_id: str, ranked: list[Candidate], failed: dict[str, str], result: dict) -> str:
+    lines = [f"# Run {run_id}: model selection", ""]
+    lines += [
+        f"Winner rule: {TIE_BREAK}. Test metrics are reported only, never used to choose.",
+        "Values in percent, as mmseg's IoUMetric reports them (means over background, cat, dog).",
+        "",
+        "## Comparison (validation split)",
+        "",
+        "| experiment | model | augmentation | weighting | val mDice | val mIoU | cat Dice | dog Dice "
+        "| best epoch | rank |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in ranked:
+        d = c.description
+        lines.append(
+            f"| {c.experiment} | {d['model']} | {d['augmentation']} | {d['weighting']} "
+            f"| {_fmt(c.val['mDice'])} | {_fmt(c.val['mIoU'])} | {_fmt(c.class_value('val', 'cat', 'Dice'))} "
+            f"| {_fmt(c.class_value('val', 'dog', 'Dice'))} | {_fmt(c.val.get('best_epoch'))} | {c.rank} |"
+        )
+    if ranked:
+        w = ranked[0]
+        lines += [
+            "",
+            f"## Winner: {w.experiment}, test split (dataset version {w.test.get('dataset_version')}, "
+            f"checkpoint {w.checkpoint_key})",
+            "",
+            "| aAcc | mIoU | mAcc | mDice |",
+            "|---|---|---|---|",
+            "| " + " | ".join(_fmt(w.test[k]) for k in SUMMARY_KEYS) + " |",
+            "",
+            "| class | IoU | Dice | Acc |",
+            "|---|---|---|---|",
+        ]
+        for cls, values in w.test["per_class"].items():
+            lines.append(f"| {cls} | " + " | ".join(_fmt(values.get(k)) for k in CLASS_KEYS) + " |")
+        gate = result["gate"]
+        verdict = "passed" if gate["passed"] else "FAILED: nothing promoted"
+        lines += [
+            "",
+            "## Quality gate",
+            "",
+            f"test mDice {gate['value']:.4f} (fraction) must exceed {gate['threshold']}: {verdict}.",
+            "",
+            "## Champion / challenger",
+            "",
+            f"Decision: **{result['promotion']['decision']}**. {result['promotion']['reason']}.",
+            f"Challenger ({w.experiment}) test mDice: {_fmt(result['promotion']['challenger_test_mDice'])}; "
+            f"champion test mDice: {_fmt(result['promotion']['champion_test_mDice'])}.",
+        ]
+    lines += ["", "## Failed experiments", ""]
+    lines += [f"- {name}: {why}" for name, why in failed.items()] or ["none"]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- the step
+
+
+def select(
+    store: st.Store,
+    run_id: str,
+    experiments: list[str],
+    gate: float = DEFAULT_GATE,
+    promote_winner: bool = True,
+) -> dict:
+    """Decide, report (winner.json, report.md, manifest end time), promote; the winner.json content.
+
+    A winner that fails the gate is reported and not promoted (`enforce_gate` turns that into the
+    step's failure); NoCandidateError when no requested experiment has train and eval outputs.
+    """
+    st.check_run_id(run_id)
+    candidates, failed = [], {}
+    for experiment in experiments:
+        loaded = load_candidate(store, run_id, experiment)
+        if isinstance(loaded, str):
+            log.warning("experiment %s failed: %s", experiment, loaded)
+            failed[experiment] = loaded
+        else:
+            candidates.append(loaded)
+    ranked = rank(candidates)
+    result: dict[str, Any] = {
+        "run_id": run_id,
+        "decided_at": st.utc_now(),
+        "rule": TIE_BREAK,
+        "experiments_requested": experiments,
+        "ranking": [
+            {
+                "experiment": c.experiment,
+                "rank": c.rank,
+                "val_mDice": c.val["mDice"],
+                "val_mIoU": c.val["mIoU"],
+                "test_mDice": c.test["mDice"],
+            }
+            for c in ranked
+        ],
+        "failed": failed,
+        "winner": None,
+    }
+    if not ranked:
+        result["promotion"] = {"decision": "nothing to select", "promoted": False}
+        _write_reports(store, run_id, ranked, failed, result)
+        raise NoCandidateError(
+            f"run {run_id}: none of {', '.join(experiments)} has published train and eval outputs: "
+            + "; ".join(f"{k}: {v}" for k, v in failed.items())
+        )
+
+    winner = ranked[0]
+    fraction = winner.test["mDice"] / 100
+    champion = current_champion(store)
+    result["winner"] = {
+        "experiment": winner.experiment,
+        "val_mDice": winner.val["mDice"],
+        "val_mIoU": winner.val["mIoU"],
+        "test_mDice": winner.test["mDice"],
+        "test_metrics": {k: winner.test[k] for k in SUMMARY_KEYS},
+        "checkpoint": winner.checkpoint_key,
+        "checkpoint_sha256": winner.test["checkpoint_sha256"],
+        "dataset_version": winner.test["dataset_version"],
+    }
+    result["gate"] = {"threshold": gate, "value": round(fraction, 6), "passed": fraction > gate}
+    if not result["gate"]["passed"]:
+        result["gate"]["message"] = (
+            f"run {run_id}: winner {winner.experiment} has test mDice {winner.test['mDice']} "
+            f"({fraction:.4f}), which does not exceed the gate {gate}; nothing was promoted"
+        )
+    champion_numbers = {
+        "challenger_test_mDice": winner.test["mDice"],
+        "champion_test_mDice": None if champion is None else champion.get("test_metrics", {}).get("mDice"),
+        "champion": None
+        if champion is None
+        else {k: champion.get(k) for k in ("run_id", "experiment", "dataset_version", "promoted_at")},
+    }
+    if not result["gate"]["passed"]:
+        result["promotion"] = {
+            "decision": "not promoted: quality gate failed",
+            "reason": f"test mDice {fraction:.4f} does not exceed the gate {gate}",
+            "promoted": False,
+            **champion_numbers,
+        }
+    else:
+        replace, reason = champion_decision(winner, champion, run_id)
+        if not promote_winner:
+            decision = "not promoted: --no-promote" + (" (would replace the champion)" if replace else "")
+        else:
+            decision = "promoted" if replace else "champion kept"
+        result["promotion"] = {
+            "decision": decision,
+            "reason": reason,
+            "promoted": replace and promote_winner,
+            **champion_numbers,
+        }
+        if replace and promote_winner:
+            promote(store, run_id, winner, model_card(run_id, winner, champion, gate))
+            log.info(
+                "promoted %s of run %s to %s", winner.experiment, run_id, store.uri(st.PRODUCTION_PREFIX)
+            )
+
+    _write_reports(store, run_id, ranked, failed, result)
+    return result
+
+
+def _write_reports(
+    store: st.Store, run_id: str, ranked: list[Candidate], failed: dict[str, str], result: dict
+) -> None:
+    # report.md first, winner.json last: winner.json present means the decision is complete.
+    store.put_text(st.report_key(run_id), render_report(run_id, ranked, failed, result))
+    store.put_json(st.winner_key(run_id), result)
+    winner = result["winner"]["experiment"] if result["winner"] else None
+    st.update_manifest(
+        store,
+        run_id,
+        ended_at=st.utc_now(),
+        selection={"winner": winner, "decision": result["promotion"]["decision"], "failed": sorted(failed)},
+    )
+
+
+def enforce_gate(result: dict) -> None:
+    """Raise QualityGateError when the decision in `result` failed the quality gate."""
+    gate = result.get("gate")
+    if gate is not None and not gate["passed"]:
+        raise QualityGateError(gate["message"])
+
+
+def summary(result: dict) -> dict:
+    """The short JSON select prints on stdout."""
+    winner = result["winner"] or {}
+    promotion = result["promotion"]
+    return {
+        "run_id": result["run_id"],
+        "winner": winner.get("experiment"),
+        "val_mDice": winner.get("val_mDice"),
+        "test_mDice": winner.get("test_mDice"),
+        "gate_passed": result.get("gate", {}).get("passed"),
+        "decision": promotion["decision"],
+        "promoted": promotion["promoted"],
+        "failed": sorted(result["failed"]),
+    }
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-id", required=True, help="the run whose experiments to compare")
+    parser.add_argument(
+        "--gate",
+        type=float,
+        default=DEFAULT_GATE,
+        help=f"minimum test mDice as a fraction (default {DEFAULT_GATE}); the winner must exceed it",
+    )
+    parser.add_argument(
+        "--experiments",
+        default=",".join(EXPERIMENTS),
+        help=f"comma list of experiments to compare (default {','.join(EXPERIMENTS)})",
+    )
+    parser.add_argument("--no-promote", action="store_true", help="decide and report; never touch production")
+
+
+def main(args: argparse.Namespace) -> int:
+    if not 0 <= args.gate < 1:
+        raise InputError(f"--gate {args.gate}: expected a fraction in [0, 1), e.g. 0.75")
+    experiments = parse_experiments(args.experiments)
+    store = st.Store.from_env()
+    try:
+        result = select(store, args.run_id, experiments, args.gate, promote_winner=not args.no_promote)
+    except NoCandidateError as err:  # upstream stages failed: exit 1 with one clear line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary(result), sort_keys=True))
+    enforce_gate(result)
+    return 0

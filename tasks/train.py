@@ -1,0 +1,499 @@
+"""Train one study experiment with mmengine's Runner: `python -m tasks train --experiment h1 ...`.
+
+Flow: materialize the dataset -> choose the train labels (relabel stage output, else the dataset's
+labels_sam2/train, else labels/train) -> a dataset view (symlinks) under the local work dir ->
+the experiment's config (+ profile overlay) -> mmengine Runner with two hooks of ours:
+`StoreMirrorHook` (resume state to the store after every validation) and tracking.TrackerHook.
+Outputs go to runs/<id>/train/<exp>/: best.pth (weights of the best val-mDice epoch), config.py,
+log.json, val_metrics.json, clearml/.
+
+Resume: the mirror (runs/<id>/train/<exp>/work/) holds the latest post-validation checkpoint, the
+best checkpoint and the logs; a retry with the same inputs downloads it and resumes at the next
+epoch. Caching: outputs published with the same inputs are not trained again.
+
+Public helpers evaluate reuses: `load_experiment_config`, `set_data_root`, `prepare_dataset_view`,
+`resolve_train_labels`, `fetch_training_outputs`, `configure_torch_threads`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmengine.config import Config
+from mmengine.hooks import Hook
+
+from tasks import mmcompat
+from tasks.errors import InputError
+from tasks.store import (
+    Store,
+    check_run_id,
+    materialize_dataset,
+    parse_s3_uri,
+    sha256_file,
+    stage_prefix,
+    work_dir,
+)
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+PROFILE_DIR = CONFIG_DIR / "profiles"
+EXPERIMENTS = {
+    "h1": "h1_deeplabv3plus_r50_d8_256x256.py",
+    "h2": "h2_deeplabv3plus_r50_d8_256x256.py",
+    "exp1": "exp1_deeplabv3plus_r50_d8_256x256.py",
+    "exp2": "exp2_segformer_b2_256x256.py",
+}
+PROFILES = ("full", "cpu")
+SPLITS = ("train", "val", "test")
+BEST_INFO_KEY = "best_val"  # message-hub entry: the best epoch's checkpoint name, epoch and metrics
+MIRROR_INDEX = "mirror.json"  # written last: the mirror's files, epoch and inputs
+SUMMARY_KEYS = ("aAcc", "mIoU", "mAcc", "mDice")
+PER_CLASS_KEYS = ("IoU", "Dice", "Acc")
+
+
+# ---------------------------------------------------------------- configs
+
+
+def experiment_config_path(experiment: str) -> Path:
+    if experiment not in EXPERIMENTS:
+        raise InputError(f"unknown experiment {experiment!r}: expected one of {', '.join(EXPERIMENTS)}")
+    return CONFIG_DIR / EXPERIMENTS[experiment]
+
+
+def set_data_root(cfg: Config, dataset_root: Path) -> Config:
+    """Point the train/val/test dataloaders at a dataset in the study's layout (e.g. a view)."""
+    cfg.data_root = str(dataset_root)
+    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        cfg[loader].dataset.data_root = str(dataset_root)
+    return cfg
+
+
+def set_max_epochs(cfg: Config, max_epochs: int) -> Config:
+    """Change the schedule length; schedulers that ended at the old last epoch end at the new one."""
+    if max_epochs < 1:
+        raise InputError(f"--max-epochs must be at least 1 (got {max_epochs})")
+    old = cfg.train_cfg.max_epochs
+    cfg.train_cfg.max_epochs = max_epochs
+    for scheduler in cfg.param_scheduler:
+        if scheduler.get("end") == old:
+            scheduler.end = max_epochs
+        # a warm-up longer than the whole schedule would never finish
+        scheduler.begin = min(scheduler.get("begin", 0), max_epochs - 1)
+        scheduler.end = min(scheduler.end, max_epochs)
+    return cfg
+
+
+def _pipelines(cfg: Config) -> list[list]:
+    pipelines = [
+        cfg[loader].dataset.pipeline for loader in ("train_dataloader", "val_dataloader", "test_dataloader")
+    ]
+    pipelines += [cfg[name] for name in ("train_pipeline", "test_pipeline") if name in cfg]
+    return pipelines
+
+
+def _rescale_images(cfg: Config, image_size: int) -> None:
+    """Every 256-pixel size (the study's scale) becomes image_size; ratios and probabilities stay."""
+    factor = image_size / cfg.img_scale[0]
+
+    def scaled(size: Any) -> Any:
+        return (
+            tuple(round(s * factor) for s in size) if isinstance(size, list | tuple) else round(size * factor)
+        )
+
+    for pipeline in _pipelines(cfg):
+        for transform in pipeline:
+            for key in ("scale", "crop_size"):
+                if key in transform:
+                    transform[key] = scaled(transform[key])
+    cfg.model.data_preprocessor.size = scaled(cfg.model.data_preprocessor.size)
+    cfg.img_scale, cfg.crop_size = scaled(cfg.img_scale), scaled(cfg.crop_size)
+
+
+def apply_profile(cfg: Config, profile: str) -> Config:
+    """Overlay configs/profiles/<profile>.py ('full' = the study's settings, no overlay)."""
+    if profile not in PROFILES:
+        raise InputError(f"unknown profile {profile!r}: expected one of {', '.join(PROFILES)}")
+    if profile == "full":
+        return cfg
+    overlay = Config.fromfile(PROFILE_DIR / f"{profile}.py")
+    family = cfg.model.backbone.type
+    if family not in overlay.models:
+        raise InputError(f"{PROFILE_DIR / f'{profile}.py'}: no `models` entry for backbone {family}")
+    cfg.merge_from_dict(overlay.common.to_dict())
+    cfg.merge_from_dict(overlay.models[family].to_dict())
+    _rescale_images(cfg, overlay.image_size)
+    set_max_epochs(cfg, overlay.max_epochs)
+    for hook in cfg.custom_hooks:
+        if hook.type == "ResumableEarlyStoppingHook":
+            hook.patience = overlay.early_stopping_patience
+    return cfg
+
+
+def load_experiment_config(
+    experiment: str,
+    profile: str = "full",
+    dataset_root: Path | None = None,
+    work_dir: Path | None = None,
+    max_epochs: int | None = None,
+    pretrained: Path | None = None,
+) -> Config:
+    """The resolved mmengine Config of one experiment: its file, the profile overlay, then overrides.
+
+    dataset_root: a dataset in the study's layout (a view from `prepare_dataset_view`); pretrained:
+    a local backbone checkpoint (full profile only; None = train from scratch).
+    """
+    cfg = Config.fromfile(experiment_config_path(experiment))  # imports tasks.mmseg_setup (custom_imports)
+    apply_profile(cfg, profile)
+    if dataset_root is not None:
+        set_data_root(cfg, Path(dataset_root))
+    if work_dir is not None:
+        cfg.work_dir = str(work_dir)
+    if max_epochs is not None:
+        set_max_epochs(cfg, max_epochs)
+    if pretrained is not None:
+        if profile != "full":
+            raise InputError(
+                f"--pretrained {pretrained}: pretrained weights fit the full profile's backbones "
+                f"(ResNet-50 V1c, MiT-B2); the {profile} profile shrinks the backbone"
+            )
+        cfg.model.pretrained = str(pretrained)
+    cfg.experiment, cfg.profile = experiment, profile
+    return cfg
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class TrainLabels:
+    """Which train masks a training uses: a local folder, where it came from, and its version."""
+
+    path: Path
+    source: str
+    version: str | None  # the relabel output's content digest; None when the dataset version covers it
+
+
+def resolve_train_labels(store: Store, run_id: str, dataset_root: Path, cache_dir: Path) -> TrainLabels:
+    """The run's relabeled train masks when relabel published, else labels_sam2/train, else labels/train."""
+    prefix = stage_prefix(run_id, "relabel")
+    marker = store.marker(prefix)
+    if marker is not None:
+        path = store.fetch(prefix, cache_dir) / "labels_sam2" / "train"
+        if not path.is_dir():
+            raise InputError(f"{store.uri(prefix)}: relabel outputs have no labels_sam2/train/")
+        digest = hashlib.sha256(json.dumps(marker["files"], sort_keys=True).encode()).hexdigest()[:16]
+        return TrainLabels(path, f"{store.uri(prefix)}/labels_sam2/train", digest)
+    for rel in ("labels_sam2/train", "labels/train"):
+        if (dataset_root / rel).is_dir():
+            return TrainLabels(dataset_root / rel, f"dataset:{rel}", None)
+    raise InputError(f"{dataset_root}: no labels/train/ folder")
+
+
+def prepare_dataset_view(dataset_root: Path, train_labels: Path, view_dir: Path) -> Path:
+    """A folder in the study's layout made of symlinks: images/*, labels/{val,test}, labels/train ->
+    train_labels. Rebuilt on every call, so it never points at a previous source."""
+    if view_dir.exists():
+        shutil.rmtree(view_dir)
+    links = {f"images/{split}": dataset_root / "images" / split for split in SPLITS}
+    links |= {"labels/val": dataset_root / "labels" / "val", "labels/test": dataset_root / "labels" / "test"}
+    links["labels/train"] = train_labels
+    for rel, target in links.items():
+        if not target.is_dir():
+            raise InputError(f"{target}: folder missing (needed as {rel} of the training dataset)")
+        link = view_dir / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(target.resolve(), target_is_directory=True)
+    return view_dir
+
+
+# ---------------------------------------------------------------- runtime
+
+
+def configure_torch_threads() -> int:
+    """On CPU use every core this process may run on (unless OMP_NUM_THREADS says otherwise)."""
+    import torch
+
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    return torch.get_num_threads()
+
+
+class StoreMirrorHook(Hook):
+    """After every validation: save the resume checkpoint and mirror it, the best one and the logs.
+
+    mmengine's CheckpointHook saves epoch_N.pth BEFORE epoch N's validation, so its message hub
+    misses that validation (best score, best checkpoint, early-stopping state): resuming from it
+    would forget a best epoch N. This hook saves epoch_N.pth again after validation, then uploads
+    what changed and deletes superseded keys. `mirror.json` goes last and names the files and the
+    inputs; a retry with other inputs ignores the mirror.
+    """
+
+    priority = "LOWEST"  # after CheckpointHook (best checkpoint) and early stopping (its state)
+
+    def __init__(self, store: Store, prefix: str, inputs: dict) -> None:
+        self.store, self.prefix, self.inputs = store, prefix, inputs
+        self._sent: dict[str, tuple[int, int]] = {}  # rel path -> (size, mtime_ns) already uploaded
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        # The message hub stores absolute paths of the worker that saved it; a retry may run elsewhere.
+        info = checkpoint.get("message_hub", {}).get("runtime_info", {})
+        for key in ("best_ckpt", "last_ckpt"):
+            if info.get(key):
+                info[key] = os.path.join(runner.work_dir, os.path.basename(info[key]))
+
+    def after_val_epoch(self, runner, metrics: dict | None = None) -> None:
+        hub = runner.message_hub
+        best = hub.get_info("best_ckpt")
+        if best and os.path.basename(best) != (hub.get_info(BEST_INFO_KEY) or {}).get("checkpoint"):
+            plain = {key: None if value is None else float(value) for key, value in (metrics or {}).items()}
+            hub.update_info(
+                BEST_INFO_KEY, dict(checkpoint=os.path.basename(best), epoch=runner.epoch, metrics=plain)
+            )
+        name = f"epoch_{runner.epoch}.pth"
+        runner.save_checkpoint(runner.work_dir, name, meta=dict(epoch=runner.epoch, iter=runner.iter))
+        Path(runner.work_dir, "last_checkpoint").write_text(os.path.join(runner.work_dir, name))
+        self.mirror(Path(runner.work_dir), name, best, runner.epoch)
+
+    def mirror(self, work: Path, checkpoint: str, best: str | None, epoch: int) -> None:
+        files = [checkpoint, "last_checkpoint"] + ([os.path.basename(best)] if best else [])
+        # logs of this and earlier attempts: <timestamp>/<timestamp>.log, <timestamp>/vis_data/*.json
+        files += sorted(p.relative_to(work).as_posix() for p in work.glob("*/**/*") if p.is_file())
+        for rel in files:
+            stat = (work / rel).stat()
+            if self._sent.get(rel) != (stat.st_size, stat.st_mtime_ns):
+                self.store.upload_file(work / rel, f"{self.prefix}/{rel}")
+                self._sent[rel] = (stat.st_size, stat.st_mtime_ns)
+        index = dict(inputs=self.inputs, epoch=epoch, checkpoint=checkpoint, files=files)
+        self.store.put_json(f"{self.prefix}/{MIRROR_INDEX}", index)
+        wanted = {f"{self.prefix}/{rel}" for rel in [*files, MIRROR_INDEX]}
+        stale = [key for key in self.store.list_keys(self.prefix) if key not in wanted]
+        if stale:
+            self.store.delete_keys(stale)
+        log.info("mirrored epoch %d (%s) to %s", epoch, checkpoint, self.store.uri(self.prefix))
+
+
+def restore_mirror(store: Store, prefix: str, inputs: dict, local_work: Path) -> Path | None:
+    """Download the mirrored work dir if it was written for these inputs; the checkpoint to resume."""
+    key = f"{prefix}/{MIRROR_INDEX}"
+    if not store.exists(key):
+        return None
+    index = store.get_json(key)
+    if index.get("inputs") != json.loads(json.dumps(inputs)):
+        log.info("ignoring the mirror in %s: it was written for other inputs", store.uri(prefix))
+        return None
+    for rel in index["files"]:
+        store.download_file(f"{prefix}/{rel}", local_work / rel)
+    log.info("downloaded the mirror of epoch %d from %s", index["epoch"], store.uri(prefix))
+    return local_work / index["checkpoint"]
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _scalar_logs(work: Path) -> list[Path]:
+    # one <timestamp>/vis_data/<timestamp>.json per attempt (scalars.json duplicates it); timestamps sort
+    return sorted(p for p in work.glob("*/vis_data/*.json") if p.name not in ("scalars.json",))
+
+
+def metrics_from_flat(flat: dict[str, float | None], classes: tuple[str, ...]) -> dict:
+    """PerClassIoUMetric's flat keys (mDice, Dice.cat, ...) -> the contract's {summary..., per_class}."""
+    mmcompat.apply()  # tasks.metrics imports mmseg
+    from tasks.metrics import metrics_document  # the contract's metric JSON shape lives there
+
+    per_class = {cls: {key: flat.get(f"{key}.{cls}") for key in PER_CLASS_KEYS} for cls in classes}
+    return metrics_document({key: flat[key] for key in SUMMARY_KEYS}, per_class)
+
+
+def _published_best(work: Path, best_name: str) -> Path:
+    # CheckpointHook(published_keys=[meta, state_dict]) writes <best stem>-<sha8>.pth after training
+    stem = Path(best_name).stem
+    found = sorted(work.glob(f"{stem}-*.pth"))
+    if not found:
+        raise RuntimeError(f"{work}: no weights-only copy of {best_name} (CheckpointHook published_keys?)")
+    return found[-1]
+
+
+@dataclass(frozen=True)
+class TrainOutputs:
+    """A published training, downloaded: best weights, resolved config, val metrics."""
+
+    checkpoint: Path
+    config: Path
+    val_metrics: dict
+
+
+def fetch_training_outputs(store: Store, run_id: str, experiment: str, local_dir: Path) -> TrainOutputs:
+    """Download runs/<id>/train/<exp>/ (InputError if not published) and trust its checkpoint."""
+    local = store.fetch(stage_prefix(run_id, "train", experiment), local_dir)
+    mmcompat.trust_checkpoints_under(local)
+    return TrainOutputs(
+        checkpoint=local / "best.pth",
+        config=local / "config.py",
+        val_metrics=json.loads((local / "val_metrics.json").read_text()),
+    )
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _pretrained_file(store: Store, spec: str | None, cache_dir: Path) -> Path | None:
+    if spec is None:
+        return None
+    if spec.startswith("s3://"):
+        key = parse_s3_uri(spec, store.bucket)
+        if not store.exists(key):
+            raise InputError(f"{spec}: pretrained weights not found in the store")
+        return store.download_file(key, cache_dir / Path(key).name)
+    path = Path(spec).expanduser().resolve()
+    if not path.is_file():
+        raise InputError(f"{spec}: pretrained weights file does not exist")
+    return path
+
+
+def train_experiment(
+    experiment: str,
+    run_id: str,
+    dataset: str,
+    profile: str = "full",
+    max_epochs: int | None = None,
+    pretrained: str | None = None,
+    store: Store | None = None,
+) -> dict:
+    """Train (or resume, or reuse) one experiment; returns a summary of the published outputs."""
+    check_run_id(run_id)
+    experiment_config_path(experiment)
+    if profile not in PROFILES:
+        raise InputError(f"unknown profile {profile!r}: expected one of {', '.join(PROFILES)}")
+    store = store or Store.from_env()
+    exp_dir = work_dir() / "runs" / run_id / "train" / experiment
+    prefix = stage_prefix(run_id, "train", experiment)
+    mirror_prefix = f"{prefix}/work"
+
+    ds = materialize_dataset(dataset, store)
+    labels = resolve_train_labels(store, run_id, ds.root, exp_dir / "relabel")
+    weights = _pretrained_file(store, pretrained, exp_dir / "pretrained")
+    inputs = {
+        "dataset_version": ds.version,
+        "experiment": experiment,
+        "profile": profile,
+        "max_epochs": max_epochs,
+        "labels_source": labels.source,
+        "labels_version": labels.version,
+        "pretrained_sha256": sha256_file(weights) if weights else None,
+    }
+    if store.is_current(prefix, inputs):
+        log.info("cached: %s already published for these inputs", store.uri(prefix))
+        return {"status": "cached", "prefix": store.uri(prefix), **store.marker(prefix)["inputs"]}
+
+    view = prepare_dataset_view(ds.root, labels.path, exp_dir / "data")
+    work = exp_dir / "work"
+    if work.exists():
+        shutil.rmtree(work)  # the store's mirror, not a local leftover, decides where to resume
+    work.mkdir(parents=True)
+    mmcompat.trust_checkpoints_under(exp_dir)
+    cfg = load_experiment_config(experiment, profile, view, work, max_epochs, weights)
+    resume_from = restore_mirror(store, mirror_prefix, inputs, work)
+    if resume_from is not None:
+        cfg.resume, cfg.load_from = True, str(resume_from)
+    if weights is None:
+        log.info(
+            "%s: no pretrained weights given: the backbone starts from scratch (random init)", experiment
+        )
+    else:
+        log.info("%s: backbone initialised from %s", experiment, pretrained)
+    log.info("%s: train labels from %s", experiment, labels.source)
+    threads = configure_torch_threads()
+    log.info("torch uses %d threads", threads)
+
+    return _run_and_publish(cfg, store, run_id, prefix, mirror_prefix, inputs, exp_dir, labels, ds.version)
+
+
+def _run_and_publish(
+    cfg: Config,
+    store: Store,
+    run_id: str,
+    prefix: str,
+    mirror_prefix: str,
+    inputs: dict,
+    exp_dir: Path,
+    labels: TrainLabels,
+    dataset_version: str,
+) -> dict:
+    from mmengine.runner import Runner
+
+    from tasks import tracking
+
+    out = exp_dir / "publish"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    experiment = cfg.experiment
+    with tracking.open_task(
+        run_id, "train", experiment, params=inputs, session_dir=out / "clearml"
+    ) as tracker:
+        runner = Runner.from_cfg(cfg)
+        runner.register_hook(StoreMirrorHook(store, mirror_prefix, inputs))
+        runner.register_hook(tracking.TrackerHook(tracker), priority="LOW")
+        runner.train()
+        best = runner.message_hub.get_info(BEST_INFO_KEY)
+        if best is None:
+            raise RuntimeError(f"{experiment}: training ended without a validation (no best checkpoint)")
+        work = Path(runner.work_dir)
+        shutil.copyfile(_published_best(work, best["checkpoint"]), out / "best.pth")
+        runner.cfg.dump(str(out / "config.py"))
+        with open(out / "log.json", "w") as log_file:
+            for part in _scalar_logs(work):
+                log_file.write(part.read_text())
+        classes = tuple(runner.train_dataloader.dataset.metainfo["classes"])
+        val_metrics = {
+            "experiment": experiment,
+            "split": "val",
+            "dataset_version": dataset_version,
+            "checkpoint": best["checkpoint"],
+            "best_epoch": best["epoch"],
+            **metrics_from_flat(best["metrics"], classes),
+            "epochs_trained": runner.epoch,
+            "max_epochs": cfg.train_cfg.max_epochs,
+            "profile": inputs["profile"],
+            "train_labels": labels.source,
+            "pretrained": cfg.model.get("pretrained"),
+        }
+        (out / "val_metrics.json").write_text(json.dumps(val_metrics, indent=2) + "\n")
+        tracker.upload_artifact("val_metrics", out / "val_metrics.json")
+    store.publish(out, prefix, inputs)  # also removes the work/ mirror: a finished run needs no resume
+    return {"status": "trained", "prefix": store.uri(prefix), **val_metrics}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experiment", required=True, choices=sorted(EXPERIMENTS), help="study experiment")
+    parser.add_argument("--run-id", required=True, help="pipeline run id")
+    parser.add_argument("--dataset", required=True, help="dataset: local dir or s3://<bucket>/<prefix>")
+    parser.add_argument(
+        "--profile",
+        default="full",
+        choices=PROFILES,
+        help="full: the study's settings; cpu: configs/profiles/cpu.py",
+    )
+    parser.add_argument("--max-epochs", type=int, default=None, help="override the profile's epoch count")
+    parser.add_argument(
+        "--pretrained",
+        default=None,
+        help="backbone weights (local file or s3:// key in the pipeline's bucket); default: from scratch",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    summary = train_experiment(
+        args.experiment, args.run_id, args.dataset, args.profile, args.max_epochs, args.pretrained
+    )
+    print(json.dumps(summary, indent=2))
+    return 0

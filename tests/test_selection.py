@@ -1,0 +1,277 @@
+"""Selection on crafted metric files in a real S3 API server (moto): rule, tie-break, gate, champion."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks import cli, selection
+from tasks import store as st
+
+CLASSES = ("background", "cat", "dog")
+
+
+@pytest.fixture(scope="module")
+def config_texts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The four experiments' resolved configs (CPU profile), dumped as the train stage publishes them."""
+    from tasks.train import EXPERIMENTS, load_experiment_config
+
+    out = tmp_path_factory.mktemp("configs")
+    texts = {}
+    for experiment in EXPERIMENTS:
+        load_experiment_config(experiment, "cpu").dump(str(out / f"{experiment}.py"))
+        texts[experiment] = (out / f"{experiment}.py").read_text()
+    return texts
+
+
+def metrics(split: str, experiment: str, mdice: float, miou: float, **extra) -> dict:
+    per_class = {
+        cls: {"IoU": round(miou + i, 2), "Dice": round(mdice + i, 2), "Acc": 90.0}
+        for i, cls in enumerate(CLASSES)
+    }
+    return {
+        "experiment": experiment,
+        "split": split,
+        "aAcc": 97.0,
+        "mIoU": miou,
+        "mAcc": 91.0,
+        "mDice": mdice,
+        "per_class": per_class,
+        **extra,
+    }
+
+
+class Run:
+    """Publishes crafted train/eval outputs of one run id, as the two stages would."""
+
+    def __init__(self, store: st.Store, run_id: str, root: Path, config_texts: dict[str, str]):
+        self.store, self.run_id, self.root, self.config_texts = store, run_id, root, config_texts
+
+    def trained(self, experiment: str, val_mdice: float, val_miou: float) -> None:
+        out = self.root / self.run_id / "train" / experiment
+        out.mkdir(parents=True)
+        (out / "best.pth").write_bytes(f"weights of {experiment} in {self.run_id}".encode())
+        (out / "config.py").write_text(self.config_texts[experiment])
+        val = metrics("val", experiment, val_mdice, val_miou, dataset_version="v1", best_epoch=7)
+        (out / "val_metrics.json").write_text(json.dumps(val))
+        self.store.publish(out, st.stage_prefix(self.run_id, "train", experiment), {"dataset_version": "v1"})
+
+    def evaluated(self, experiment: str, test_mdice: float, dataset_version: str = "v1") -> None:
+        out = self.root / self.run_id / "eval" / experiment
+        out.mkdir(parents=True)
+        weights = self.root / self.run_id / "train" / experiment / "best.pth"
+        test = metrics(
+            "test",
+            experiment,
+            test_mdice,
+            test_mdice - 8,
+            dataset_version=dataset_version,
+            checkpoint=f"{st.stage_prefix(self.run_id, 'train', experiment)}/best.pth",
+            checkpoint_sha256=hashlib.sha256(weights.read_bytes()).hexdigest(),
+        )
+        (out / "test_metrics.json").write_text(json.dumps(test))
+        self.store.publish(out, st.stage_prefix(self.run_id, "eval", experiment), {"dataset_version": "v1"})
+
+    def experiment(self, experiment: str, val_mdice: float, val_miou: float, test_mdice: float) -> None:
+        self.trained(experiment, val_mdice, val_miou)
+        self.evaluated(experiment, test_mdice)
+
+    def select(self, *extra: str) -> int:
+        return cli.main(["select", "--run-id", self.run_id, *extra])
+
+    def winner(self) -> dict:
+        return self.store.get_json(st.winner_key(self.run_id))
+
+    def report(self) -> str:
+        return self.store.get_text(st.report_key(self.run_id))
+
+
+@pytest.fixture()
+def store(s3_env: dict[str, str]) -> st.Store:
+    return st.Store.from_env()
+
+
+@pytest.fixture()
+def run(store: st.Store, tmp_path: Path, config_texts: dict[str, str]) -> Run:
+    return Run(store, "run-1", tmp_path, config_texts)
+
+
+def champion(store: st.Store, tmp_path: Path, test_mdice: float, dataset_version: str = "v1") -> bytes:
+    """A production champion from an earlier run; returns its weights."""
+    out = tmp_path / "champion"
+    out.mkdir()
+    weights = b"weights of the old champion"
+    (out / "model.pth").write_bytes(weights)
+    (out / "config.py").write_text("# old champion's config\n")
+    card = {
+        "run_id": "run-0",
+        "experiment": "h1",
+        "dataset_version": dataset_version,
+        "checkpoint_sha256": hashlib.sha256(weights).hexdigest(),
+        "test_metrics": {"mDice": test_mdice},
+    }
+    (out / "model_card.json").write_text(json.dumps(card))
+    store.publish(out, st.PRODUCTION_PREFIX, {"run_id": "run-0"})
+    return weights
+
+
+def production_weights(store: st.Store) -> bytes | None:
+    if store.marker(st.PRODUCTION_PREFIX) is None:
+        return None
+    return store.get_bytes(f"{st.PRODUCTION_PREFIX}/model.pth")
+
+
+def test_winner_by_val_not_test(run: Run, store: st.Store, capsys: pytest.CaptureFixture) -> None:
+    run.experiment("h1", val_mdice=88.0, val_miou=80.0, test_mdice=95.0)  # best test, worse val: loses
+    run.experiment("h2", val_mdice=87.0, val_miou=79.0, test_mdice=86.0)
+    run.experiment("exp1", val_mdice=89.0, val_miou=81.0, test_mdice=84.0)
+    run.experiment("exp2", val_mdice=93.13, val_miou=87.46, test_mdice=90.39)
+
+    assert run.select() == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["winner"] == "exp2" and printed["promoted"] is True and printed["failed"] == []
+
+    winner = run.winner()
+    assert winner["winner"]["experiment"] == "exp2"
+    assert winner["winner"]["test_mDice"] == 90.39
+    assert [r["experiment"] for r in winner["ranking"]] == ["exp2", "exp1", "h1", "h2"]
+    assert winner["gate"] == {"threshold": 0.75, "value": 0.9039, "passed": True}
+    assert winner["promotion"]["decision"] == "promoted"
+    assert winner["promotion"]["champion_test_mDice"] is None
+
+    assert production_weights(store) == b"weights of exp2 in run-1"
+    card = store.get_json(f"{st.PRODUCTION_PREFIX}/model_card.json")
+    assert card["experiment"] == "exp2" and card["run_id"] == "run-1"
+    assert card["dataset_version"] == "v1" and card["test_metrics"]["mDice"] == 90.39
+    assert "AdamW" in store.get_text(f"{st.PRODUCTION_PREFIX}/config.py")
+
+    report = run.report()
+    assert "| exp2 | SegFormer (SegformerHead), MixVisionTransformer; AdamW" in report
+    assert "| 93.13 | 87.46 |" in report and report.rstrip().endswith("none")
+    h2_row = next(line for line in report.splitlines() if line.startswith("| h2 |"))
+    assert "CE class_weight [0.0585, 1.0, 1.0]" in h2_row and h2_row.rstrip().endswith("| 4 |")
+    exp1_row = next(line for line in report.splitlines() if line.startswith("| exp1 |"))
+    assert "RandomResize + RandomCrop + RandomFlip 0.5 + PhotoMetricDistortion" in exp1_row
+    assert "| 97.00 | 82.39 | 91.00 | 90.39 |" in report  # the winner's test table
+
+    manifest = store.get_json(st.manifest_key("run-1"))
+    assert manifest["ended_at"] and manifest["selection"]["winner"] == "exp2"
+
+
+def test_tie_goes_to_val_miou_then_fixed_order(run: Run, store: st.Store) -> None:
+    run.experiment("exp2", val_mdice=90.0, val_miou=82.0, test_mdice=90.0)
+    run.experiment("h2", val_mdice=90.0, val_miou=82.5, test_mdice=80.0)  # same mDice, higher mIoU
+    run.experiment("h1", val_mdice=89.0, val_miou=90.0, test_mdice=80.0)
+    assert run.select("--no-promote") == 0
+    assert run.winner()["winner"]["experiment"] == "h2"
+
+    full_tie = Run(store, "run-2", run.root, run.config_texts)
+    full_tie.experiment("exp2", val_mdice=90.0, val_miou=82.0, test_mdice=91.0)
+    full_tie.experiment("exp1", val_mdice=90.0, val_miou=82.0, test_mdice=85.0)
+    assert full_tie.select("--no-promote") == 0
+    assert [r["experiment"] for r in full_tie.winner()["ranking"]] == ["exp1", "exp2"]  # fixed order
+
+
+def test_gate_failure_promotes_nothing(run: Run, store: st.Store, capsys: pytest.CaptureFixture) -> None:
+    run.experiment("h1", val_mdice=80.0, val_miou=70.0, test_mdice=74.9)
+    run.experiment("h2", val_mdice=70.0, val_miou=60.0, test_mdice=90.0)  # passes, but is not the winner
+
+    assert run.select("--gate", "0.75") == 3
+    captured = capsys.readouterr()
+    assert "quality gate failed" in captured.err and "h1" in captured.err and "0.75" in captured.err
+    assert json.loads(captured.out)["gate_passed"] is False
+    assert production_weights(store) is None
+    winner = run.winner()
+    assert winner["winner"]["experiment"] == "h1"
+    assert winner["gate"]["passed"] is False and winner["promotion"]["promoted"] is False
+    assert "FAILED: nothing promoted" in run.report()
+
+
+def test_champion_kept_when_better_on_same_test_set(run: Run, store: st.Store, tmp_path: Path) -> None:
+    old = champion(store, tmp_path, test_mdice=92.0)
+    run.experiment("exp2", val_mdice=93.0, val_miou=87.0, test_mdice=91.5)
+    assert run.select() == 0
+    promotion = run.winner()["promotion"]
+    assert promotion["decision"] == "champion kept" and promotion["promoted"] is False
+    assert (promotion["challenger_test_mDice"], promotion["champion_test_mDice"]) == (91.5, 92.0)
+    assert production_weights(store) == old
+    assert "champion test mDice: 92.00" in run.report()
+
+
+def test_champion_replaced_when_beaten(run: Run, store: st.Store, tmp_path: Path) -> None:
+    champion(store, tmp_path, test_mdice=85.0)
+    run.experiment("exp1", val_mdice=90.0, val_miou=82.0, test_mdice=88.0)
+    assert run.select() == 0
+    promotion = run.winner()["promotion"]
+    assert promotion["decision"] == "promoted"
+    assert (promotion["challenger_test_mDice"], promotion["champion_test_mDice"]) == (88.0, 85.0)
+    assert production_weights(store) == b"weights of exp1 in run-1"
+    card = store.get_json(f"{st.PRODUCTION_PREFIX}/model_card.json")
+    assert card["previous_champion"]["run_id"] == "run-0" and card["previous_champion"]["test_mDice"] == 85.0
+
+
+def test_champion_on_other_dataset_version_is_replaced_with_reason(
+    run: Run, store: st.Store, tmp_path: Path
+) -> None:
+    champion(store, tmp_path, test_mdice=99.0, dataset_version="v0")
+    run.experiment("h1", val_mdice=90.0, val_miou=82.0, test_mdice=88.0)
+    assert run.select() == 0
+    promotion = run.winner()["promotion"]
+    assert promotion["promoted"] is True and "not comparable" in promotion["reason"]
+    assert production_weights(store) == b"weights of h1 in run-1"
+
+
+def test_failed_experiments_are_reported(run: Run, store: st.Store, capsys: pytest.CaptureFixture) -> None:
+    run.experiment("h1", val_mdice=85.0, val_miou=75.0, test_mdice=84.0)
+    run.trained("h2", val_mdice=95.0, val_miou=90.0)  # trained, never evaluated
+    run.trained("exp1", val_mdice=96.0, val_miou=90.0)
+    run.evaluated("exp1", test_mdice=90.0)
+    # exp1 retrained after its evaluation: the evaluated checkpoint is stale
+    (run.root / "run-1" / "train" / "exp1" / "best.pth").write_bytes(b"retrained weights")
+    store.publish(run.root / "run-1" / "train" / "exp1", st.stage_prefix("run-1", "train", "exp1"), {})
+    # exp2 never trained
+
+    assert run.select() == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["winner"] == "h1" and printed["failed"] == ["exp1", "exp2", "h2"]
+    failed = run.winner()["failed"]
+    assert "evaluate stage has not published outputs" in failed["h2"]
+    assert "stale evaluation" in failed["exp1"]
+    assert "train stage has not published outputs" in failed["exp2"]
+    report = run.report()
+    assert "- exp2: train stage has not published outputs" in report
+    assert [r["experiment"] for r in run.winner()["ranking"]] == ["h1"]
+
+
+def test_no_experiment_left_exits_1(run: Run, store: st.Store, capsys: pytest.CaptureFixture) -> None:
+    run.trained("h1", val_mdice=85.0, val_miou=75.0)
+    assert run.select("--experiments", "h1,exp2") == 1
+    err = capsys.readouterr().err
+    assert "none of h1, exp2 has published train and eval outputs" in err
+    assert run.winner()["winner"] is None and set(run.winner()["failed"]) == {"h1", "exp2"}
+
+
+def test_no_promote_never_touches_production(run: Run, store: st.Store, tmp_path: Path) -> None:
+    old = champion(store, tmp_path, test_mdice=80.0)
+    run.experiment("exp2", val_mdice=93.0, val_miou=87.0, test_mdice=90.0)
+    assert run.select("--no-promote") == 0
+    promotion = run.winner()["promotion"]
+    assert promotion["promoted"] is False
+    assert promotion["decision"] == "not promoted: --no-promote (would replace the champion)"
+    assert production_weights(store) == old
+
+
+def test_bad_arguments_exit_2(run: Run, capsys: pytest.CaptureFixture) -> None:
+    assert run.select("--experiments", "h1,h3") == 2
+    assert run.select("--gate", "75") == 2
+    err = capsys.readouterr().err
+    assert "--experiments 'h1,h3'" in err and "--gate 75.0" in err
+
+
+def test_experiment_order_matches_train() -> None:
+    from tasks.train import EXPERIMENTS
+
+    assert tuple(EXPERIMENTS) == selection.EXPERIMENTS
