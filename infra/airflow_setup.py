@@ -10,8 +10,9 @@ and deletes them. Exit 2 with one line per problem when a setting is missing or 
 Connections (what the DAG's docker runner passes to the task containers):
 - segpipe_s3 (type aws): login/password = the pipeline's MinIO user (created by infra/minio-init.sh),
   extra {"endpoint_url": SEGPIPE_S3_ENDPOINT_URL, "region_name": AWS_DEFAULT_REGION}.
-- segpipe_clearml (type generic), only when CLEARML_API_ACCESS_KEY is set: host = CLEARML_API_HOST,
-  login/password = access/secret key, extra {"web_host", "files_host"}. Without it tasks track offline.
+- segpipe_clearml (type generic), only when CLEARML_API_ACCESS_KEY is set: login/password = access/secret
+  key, schema/host/port = CLEARML_API_HOST's parts, extra {"api_host", "web_host", "files_host"} = the
+  CLEARML_*_HOST URLs. Without it the tasks track offline.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 POOLS_FILE = Path(__file__).with_name("pools.json")
 GPU_POOL = "gpu"
@@ -96,15 +98,23 @@ def connections(env: Mapping[str, str]) -> dict:
     }
     if env.get("CLEARML_API_ACCESS_KEY", "").strip():
         problems += _missing(env, ("CLEARML_API_SECRET_KEY", "CLEARML_API_HOST"))
+        api_host = env.get("CLEARML_API_HOST", "").strip()
+        api = urlsplit(api_host)
+        if api_host and not (api.scheme and api.hostname):
+            problems.append(f"CLEARML_API_HOST={api_host!r}: expected http://host:port")
         result[CLEARML_CONN_ID] = {
             "conn_type": "generic",
             "description": "ClearML server of the tasks' experiment tracking (absent: offline sessions)",
-            "host": env.get("CLEARML_API_HOST", ""),
+            # The URL's parts in the connection's fields, and whole in extra.api_host (what the DAG reads).
+            "host": api.hostname or "",
+            "schema": api.scheme,
+            "port": api.port,
             "login": env["CLEARML_API_ACCESS_KEY"],
             "password": env.get("CLEARML_API_SECRET_KEY", ""),
             "extra": {
-                "web_host": env.get("CLEARML_WEB_HOST", ""),
-                "files_host": env.get("CLEARML_FILES_HOST", ""),
+                "api_host": api_host,
+                "web_host": env.get("CLEARML_WEB_HOST", "").strip(),
+                "files_host": env.get("CLEARML_FILES_HOST", "").strip(),
             },
         }
     if problems:

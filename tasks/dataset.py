@@ -41,7 +41,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 MASK_SUFFIXES = (".png",)  # lossless only: JPEG would smear label values
 IMAGE_FORMATS = ("JPEG", "MPO", "PNG")  # MPO: multi-picture JPEG written by some cameras
 REFUSED_IMAGE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # no agreed 8-bit conversion
-LABEL_DIRS = ("labels", "labels_sam2")
 # What the version covers: everything the pipeline reads from a dataset. labels_clean/ and
 # defects.json are included because EDA/relabel read them (given bad-mask list, relabel quality):
 # a change there must change the version, or content-cached stage outputs would go stale. Other
@@ -239,7 +238,8 @@ def validate_dataset(root: Path, splits: Iterable[str] = SPLITS) -> dict:
     """Check every sample of every split (and of labels_sam2 where present); return the summary.
 
     Raises InputError with one line per problem, each naming the file (relative to root), covering
-    all problems found, not just the first. Files are decoded one at a time (streaming), in threads.
+    all problems found, not just the first. Samples are decoded by a few threads, one sample per task
+    and nothing kept but the problems, so memory stays flat however many files there are.
     """
     root = Path(root).expanduser().resolve()
     if not root.is_dir():

@@ -272,14 +272,21 @@ class Store:
         except ClientError as err:
             if _error_code(err) not in ("404", "NoSuchBucket", "NotFound"):
                 raise
-            self.client.create_bucket(Bucket=self.bucket)
+            region = self.client.meta.region_name
+            # AWS wants the region spelled out everywhere but us-east-1; MinIO and moto accept it.
+            request: dict[str, Any] = {"Bucket": self.bucket}
+            if region not in (None, "us-east-1"):
+                request["CreateBucketConfiguration"] = {"LocationConstraint": region}
+            self.client.create_bucket(**request)
             log.info("created bucket %s", self.bucket)
 
     def _retrying(self, what: str, operation: Callable[[], T], retry_mismatch: bool = True) -> T:
         """Run a whole operation again after transient failures, with exponential backoff."""
         policy = self.retry
         saw_connection_error = False
-        for attempt in range(1, policy.attempts + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 return operation()
             except Exception as err:
@@ -300,7 +307,6 @@ class Store:
                     delay,
                 )
                 time.sleep(delay)
-        raise AssertionError("unreachable")  # the loop always returns or raises
 
     # ------------------------------------------------------------ objects
 
@@ -506,7 +512,11 @@ class Store:
         Files already present locally with the right sha256 are not downloaded again. If the stage is
         re-published while we download, we start over with the new marker (never a mix of both).
         """
-        local_dir = Path(local_dir)
+        self._fetch(prefix, Path(local_dir), wait_s)
+        return Path(local_dir)
+
+    def _fetch(self, prefix: str, local_dir: Path, wait_s: float) -> dict:
+        """fetch(), returning the marker whose files are now in local_dir."""
         deadline = time.monotonic() + wait_s
         for _ in range(self.retry.attempts):
             content = self._wait_for_marker(prefix, deadline)
@@ -521,7 +531,7 @@ class Store:
                 log.info("%s changed while downloading (%s); starting over", self.uri(prefix), err)
                 continue
             if self.marker(prefix) == content:
-                return local_dir
+                return content
             log.info("%s was re-published while downloading; starting over", self.uri(prefix))
         raise RuntimeError(f"{self.uri(prefix)} kept changing during {self.retry.attempts} downloads")
 
@@ -608,15 +618,20 @@ def materialize_dataset(uri: str, store: Store | None = None) -> DatasetRef:
         if not objects:
             raise InputError(f"{uri}: no objects under this prefix")
         source = {"listing": sorted([o["Key"], o["Size"], o["ETag"]] for o in objects)}
-    cached = record_path.is_file() and json.loads(record_path.read_text()) == _canonical(source)
-    if cached:
+    recorded = json.loads(record_path.read_text()) if record_path.is_file() else None
+    if local.is_dir() and recorded == _canonical(source):
         log.info("dataset %s cached in %s", uri, local)
     else:
         record_path.unlink(missing_ok=True)
         if content is not None:
-            store.fetch(prefix, local)
+            content = store._fetch(prefix, local, wait_s=0)  # skips files whose sha256 matches
+            source, wanted = {"marker": content}, set(content["files"])
         else:
-            store.download_prefix(prefix, local)
+            wanted = {p.relative_to(local).as_posix() for p in store.download_prefix(prefix, local)}
+        # files an older version had and this one does not: a stale copy must not mix in
+        for rel, path in list(_local_files(local)):
+            if rel not in wanted:
+                path.unlink()
         record_path.write_text(json.dumps(source, sort_keys=True))
     parts = prefix.split("/")
     name = parts[1] if len(parts) == 3 and parts[0] == "datasets" else _sanitize_name(parts[-1])

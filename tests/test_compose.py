@@ -411,12 +411,19 @@ CLEARML_ENV = {
 
 def test_connections_refuse_missing_or_partial_settings() -> None:
     with pytest.raises(airflow_setup.SetupError) as err:
-        airflow_setup.connections({"SEGPIPE_S3_ENDPOINT_URL": "minio:9000", "CLEARML_API_ACCESS_KEY": "k"})
+        airflow_setup.connections(
+            {
+                "SEGPIPE_S3_ENDPOINT_URL": "minio:9000",
+                "CLEARML_API_ACCESS_KEY": "k",
+                "CLEARML_API_HOST": "apiserver",
+            }
+        )
     problems = "\n".join(err.value.problems)
     for expected in (
         "SEGPIPE_S3_ACCESS_KEY is not set",
         "SEGPIPE_S3_ENDPOINT_URL='minio:9000'",
-        "CLEARML_API_HOST",
+        "CLEARML_API_SECRET_KEY is not set",
+        "CLEARML_API_HOST='apiserver': expected http://host:port",
     ):
         assert expected in problems
     assert set(airflow_setup.connections(S3_ENV)) == {"segpipe_s3"}  # no ClearML keys: offline tracking
@@ -441,7 +448,7 @@ def test_connections_load_through_airflow(tmp_path: Path) -> None:
         "import json, sys\n"
         "from airflow.secrets.local_filesystem import load_connections_dict\n"
         "conns = load_connections_dict(sys.argv[1])\n"
-        "fields = lambda c: [c.conn_type, c.host, c.login, c.password, c.extra_dejson]\n"
+        "fields = lambda c: [c.conn_type, c.host, c.login, c.password, c.extra_dejson, c.schema, c.port]\n"
         "print(json.dumps({conn_id: fields(conn) for conn_id, conn in conns.items()}))\n"
     )
     airflow_env = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "airflow_home")}
@@ -454,20 +461,18 @@ def test_connections_load_through_airflow(tmp_path: Path) -> None:
     )
     assert loaded.returncode == 0, loaded.stderr
     conns = json.loads(loaded.stdout.strip().splitlines()[-1])
-    assert conns["segpipe_s3"] == [
+    assert conns["segpipe_s3"][:5] == [
         "aws",
         None,
         "pipeline",
         "s3-secret-value",
         {"endpoint_url": "http://minio:9000", "region_name": "eu-west-1"},
     ]
-    assert conns["segpipe_clearml"][:4] == [
-        "generic",
-        "http://clearml-apiserver:8008",
-        "clearml-access",
-        "clearml-secret-value",
-    ]
-    assert conns["segpipe_clearml"][4]["files_host"] == "http://clearml-fileserver:8081"
+    conn_type, host, login, password, extra, schema, port = conns["segpipe_clearml"]
+    assert [conn_type, login, password] == ["generic", "clearml-access", "clearml-secret-value"]
+    # Both ways the DAG may rebuild the API URL give the configured one.
+    assert extra["api_host"] == f"{schema}://{host}:{port}" == "http://clearml-apiserver:8008"
+    assert extra["files_host"] == "http://clearml-fileserver:8081"
 
 
 def test_airflow_setup_cli_reports_every_problem(tmp_path: Path) -> None:

@@ -92,7 +92,9 @@ def test_50mb_round_trip_verifies_sha256(store: Store, tmp_path: Path) -> None:
 
 def test_download_detects_corrupt_object(store: Store, tmp_path: Path) -> None:
     # An object whose bytes do not match the sha256 it carries, as after corruption at rest.
-    store.client.put_object(Bucket=store.bucket, Key="bad.bin", Body=b"tampered", Metadata={"sha256": "0" * 64})
+    store.client.put_object(
+        Bucket=store.bucket, Key="bad.bin", Body=b"tampered", Metadata={"sha256": "0" * 64}
+    )
     store.retry = RetryPolicy(attempts=2, backoff_s=0.01)
     with pytest.raises(ChecksumMismatch, match="bad.bin"):
         store.download_file("bad.bin", tmp_path / "bad.bin")
@@ -156,7 +158,8 @@ def test_publish_writes_marker_last(store: Store, tmp_path: Path) -> None:
 def test_reader_never_sees_a_partial_stage(store: Store, tmp_path: Path) -> None:
     prefix = st.stage_prefix("r1", "train", "h1")
     versions = [
-        make_tree(tmp_path / f"v{n}", {f"part{i}.bin": os.urandom(300_000) for i in range(12)}) for n in (1, 2)
+        make_tree(tmp_path / f"v{n}", {f"part{i}.bin": os.urandom(300_000) for i in range(12)})
+        for n in (1, 2)
     ]
     expected = [{rel: sha256(v / rel) for rel in (f"part{i}.bin" for i in range(12))} for v in versions]
     done = threading.Event()
@@ -318,9 +321,15 @@ def test_materialize_unpublished_s3_prefix(store: Store, tiny_dataset: Path, tmp
     # A dataset a person copied into the bucket by hand (no _SUCCESS marker)
     copy = shutil.copytree(tiny_dataset, tmp_path / "pets")
     store.upload_dir(copy, "incoming/pets")
-    ref = st.materialize_dataset(f"s3://{store.bucket}/incoming/pets/", store)
+    uri = f"s3://{store.bucket}/incoming/pets/"
+    ref = st.materialize_dataset(uri, store)
     assert (ref.name, ref.version) == ("pets", content_hash(tiny_dataset))
     assert sha256(ref.root / "defects.json") == sha256(tiny_dataset / "defects.json")
+    # the prefix changes (a file removed): the listing differs, the local copy follows it
+    store.delete_keys(["incoming/pets/defects.json"])
+    again = st.materialize_dataset(uri, store)
+    assert again.root == ref.root and not (again.root / "defects.json").exists()
+    assert (again.root / "labels" / "train").is_dir()
 
 
 def test_materialize_refuses_bad_uris(store: Store, tmp_path: Path) -> None:

@@ -15,11 +15,18 @@ from mmengine.config import Config
 from mmengine.model import BaseModel
 from mmengine.registry import DATASETS, MODELS
 from mmengine.runner import Runner
+from PIL import Image
 from torch import nn
 
 from tasks import mmcompat, tracking
 
 CLASSES = ("background", "cat", "dog")
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # ClearML keeps its last-task cache in ~/.clearml/.session.json (a fixed path): not the real HOME
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
 
 
 @MODELS.register_module(force=True)
@@ -109,7 +116,13 @@ def test_offline_session_holds_scalars_and_hyperparameters(tmp_path: Path) -> No
     tracker = tracking.open_task("run-1", "train", "h1", params={"profile": "cpu"}, session_dir=session_dir)
     assert tracker.enabled and tracker.offline
     with tracker:
-        train_briefly(tmp_path / "work", tracker)
+        runner = train_briefly(tmp_path / "work", tracker)
+        metrics = tmp_path / "val_metrics.json"
+        metrics.write_text(json.dumps({"mDice": runner.message_hub.get_scalar("val/mDice").current()}))
+        tracker.upload_artifact("val_metrics", metrics)
+        panel = tmp_path / "panel.png"
+        Image.new("RGB", (8, 8), (200, 30, 30)).save(panel)
+        tracker.report_image("panels", "best", panel)
     session_zip = tracker.close()  # already closed by the context manager: nothing more happens
     assert session_zip is None
     [session_zip] = session_dir.glob("offline-*.zip")
@@ -118,7 +131,18 @@ def test_offline_session_holds_scalars_and_hyperparameters(tmp_path: Path) -> No
     cache = Path(tracking.os.environ["CLEARML_CACHE_DIR"])
     assert (cache / "offline" / session_zip.name).is_file()
 
-    scalars = {(e["metric"], e["variant"], e["iter"]): e["value"] for e in events if "metric" in e}
+    with zipfile.ZipFile(session_zip) as zf:
+        stored = [name for name in zf.namelist() if name.startswith("data/")]
+    assert any(name.endswith("val_metrics.json") for name in stored)
+    assert any(name.endswith(".png") for name in stored)
+    images = [e for e in events if e.get("type") == "training_debug_image"]
+    assert [(e["metric"], e["variant"]) for e in images] == [("panels", "best")]
+
+    scalars = {
+        (e["metric"], e["variant"], e["iter"]): e["value"]
+        for e in events
+        if e["type"] == "training_stats_scalar"
+    }
     assert {iteration for (metric, _, iteration) in scalars if metric == "loss"} == {5, 10, 15, 20}
     assert scalars[("lr", "train", 20)] == pytest.approx(0.5)
     for metric in ("mIoU", "mDice", "aAcc"):
