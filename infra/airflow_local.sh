@@ -29,7 +29,8 @@ export PATH=$_segpipe_root/.venv/bin:$PATH
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then  # executed, not sourced: run airflow with these settings
     set -euo pipefail
     mkdir -p "$AIRFLOW_HOME"
-    if [[ -z "${AIRFLOW__DATABASE__SQL_ALCHEMY_CONN:-}" && ! -f "$AIRFLOW_HOME/airflow.db" ]]; then
+    # A first run creates the SQLite metadata DB (~5 s); `db ...` commands manage it themselves.
+    if [[ "${1:-}" != db && -z "${AIRFLOW__DATABASE__SQL_ALCHEMY_CONN:-}" && ! -f "$AIRFLOW_HOME/airflow.db" ]]; then
         airflow db migrate >"$AIRFLOW_HOME/db-migrate.log" 2>&1 \
             || { cat "$AIRFLOW_HOME/db-migrate.log" >&2; exit 1; }
     fi

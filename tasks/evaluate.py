@@ -24,6 +24,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -47,12 +48,16 @@ from tasks.train import (
     set_data_root,
 )
 
+if TYPE_CHECKING:  # mmseg-heavy: imported where used
+    from tasks.metrics import Sample, SampleKeepingIoUMetric
+    from tasks.tracking import Tracker
+
 log = logging.getLogger(__name__)
 
 EVAL_SPLITS = ("val", "test")
 DEFAULT_PANELS = 4
 IGNORE_COLOUR = (255, 255, 255)
-ERROR_COLOURS = {"correct": (30, 30, 30), "wrong": (230, 40, 40)}
+ERROR_COLOURS = {"right": (30, 30, 30), "wrong": (230, 40, 40)}
 
 
 # ---------------------------------------------------------------- inputs
@@ -88,8 +93,10 @@ def train_digest(train_marker: dict) -> str:
 # ---------------------------------------------------------------- inference
 
 
-def run_split(config_path: Path, checkpoint: Path, dataset_root: Path, split: str, scratch: Path):
-    """Runner.test on one split; (mmseg's flat metrics, the metric with its kept samples, classes)."""
+def run_split(
+    config_path: Path, checkpoint: Path, dataset_root: Path, split: str, scratch: Path
+) -> tuple[dict, SampleKeepingIoUMetric, tuple[str, ...], list]:
+    """Runner.test on one split: mmseg's flat metrics, the metric with its samples, classes, palette."""
     from mmengine.config import Config
     from mmengine.runner import Runner
 
@@ -125,17 +132,20 @@ def colourise(mask: np.ndarray, palette: list) -> np.ndarray:
 def error_map(pred: np.ndarray, truth: np.ndarray, ignore_index: int) -> np.ndarray:
     out = np.full((*truth.shape, 3), IGNORE_COLOUR, dtype=np.uint8)
     valid = truth != ignore_index
-    out[valid & (pred == truth)] = ERROR_COLOURS["correct"]
+    out[valid & (pred == truth)] = ERROR_COLOURS["right"]
     out[valid & (pred != truth)] = ERROR_COLOURS["wrong"]
     return out
 
 
-def save_panel(sample, dice: float, palette: list, ignore_index: int, path: Path) -> Path:
+def save_panel(
+    sample: Sample, dice: float, classes: tuple[str, ...], palette: list, ignore_index: int, path: Path
+) -> Path:
     """image | truth | prediction | error map (red: wrong, dark: right, white: ignored)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     from tasks.dataset import read_image
 
@@ -152,14 +162,18 @@ def save_panel(sample, dice: float, palette: list, ignore_index: int, path: Path
         ax.set_title(title)
         ax.axis("off")
     fig.suptitle(f"{sample.stem}  Dice {dice * 100:.2f}")
-    fig.tight_layout()
+    legend = {**dict(zip(classes, palette, strict=True)), "ignore": IGNORE_COLOUR}
+    legend |= {f"error map: {kind}": colour for kind, colour in ERROR_COLOURS.items()}
+    handles = [Patch(facecolor=np.array(c) / 255, edgecolor="grey", label=n) for n, c in legend.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
 
 
-def confusion_counts(samples: list, n_classes: int, ignore_index: int) -> np.ndarray:
+def confusion_counts(samples: list[Sample], n_classes: int, ignore_index: int) -> np.ndarray:
     """counts[truth, prediction] over every non-ignored pixel."""
     counts = np.zeros((n_classes, n_classes), dtype=np.int64)
     for sample in samples:
@@ -196,7 +210,9 @@ def save_confusion(counts: np.ndarray, classes: tuple[str, ...], title: str, pat
     return path
 
 
-def rank_samples(samples: list, n: int) -> tuple[list, list, dict[str, float]]:
+def rank_samples(
+    samples: list[Sample], n: int
+) -> tuple[list[tuple[Sample, float]], list[tuple[Sample, float]], dict[str, float | None]]:
     """(n best, n worst) (sample, Dice) pairs by per-image Dice, and every image's Dice by stem."""
     from tasks.metrics import sample_dice
 
@@ -231,7 +247,7 @@ def evaluate_split(
         panels[kind] = []
         for position, (sample, dice) in enumerate(chosen, start=1):
             rel = f"panels/{split}_{kind}_{position:02d}_{sample.stem}.png"
-            save_panel(sample, dice, palette, metric.ignore_index, out / rel)
+            save_panel(sample, dice, classes, palette, metric.ignore_index, out / rel)
             panels[kind].append({"stem": sample.stem, "dice": round(dice * 100, 2), "file": rel})
     counts = confusion_counts(metric.samples, len(classes), metric.ignore_index)
     save_confusion(counts, classes, f"{split}: row-normalised confusion", out / confusion_name(split))
@@ -313,7 +329,7 @@ def evaluate_experiment(
             )
             path = out / f"{split}_metrics.json"
             path.write_text(json.dumps(doc, indent=2) + "\n")
-            report(tracker, split, doc, out)
+            report_to_clearml(tracker, split, doc, out)
             tracker.upload_artifact(f"{split}_metrics", path)
             results[split] = {key: doc[key] for key in ("aAcc", "mIoU", "mAcc", "mDice")}
             log.info("%s %s: %s", experiment, split, results[split])
@@ -322,7 +338,7 @@ def evaluate_experiment(
     return {"status": "evaluated", "prefix": store.uri(prefix), **inputs, "metrics": results}
 
 
-def report(tracker, split: str, doc: dict, out: Path) -> None:
+def report_to_clearml(tracker: Tracker, split: str, doc: dict, out: Path) -> None:
     """Scalars (summary, per class) and images (panels, confusion matrix) to ClearML."""
     for key in ("aAcc", "mIoU", "mAcc", "mDice"):
         tracker.report_scalar(f"{split} metrics", key, doc[key], 0)

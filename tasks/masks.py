@@ -42,8 +42,7 @@ class ClassGeometry:
         np.ndarray
     )  # float64 (n,) px to the nearest measured object of the class (0 for those, inf if none)
     border_sliver: np.ndarray  # bool (n,)
-    hole_count: int  # enclosed background regions
-    hole_area: int  # their pixels
+    hole_count: int  # regions the objects enclose
 
 
 @dataclass(frozen=True)
@@ -78,8 +77,17 @@ def holes(binary: np.ndarray) -> tuple[np.ndarray, int]:
 
 def outer_contours(binary: np.ndarray) -> list[np.ndarray]:
     """Outer boundary of every 8-connected component as an (N, 2) int array of (x, y) pixel centres."""
-    found, _ = cv2.findContours(binary.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    return [c.reshape(-1, 2) for c in found]
+    return contours_and_holes(binary)[0]
+
+
+def contours_and_holes(binary: np.ndarray) -> tuple[list[np.ndarray], int]:
+    """Outer boundaries of all components (islands inside holes included) and the number of holes,
+    from one border-following pass (Suzuki: 8-connected objects, 4-connected holes, as `holes`)."""
+    found, hierarchy = cv2.findContours(binary.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+    if not found:
+        return [], 0
+    is_hole = hierarchy[0][:, 3] >= 0  # a parent means an inner (hole) border
+    return [c.reshape(-1, 2) for c, hole in zip(found, is_hole, strict=True) if not hole], int(is_hole.sum())
 
 
 def smooth_contour(points: np.ndarray, sigma: float = CONTOUR_SIGMA) -> np.ndarray:
@@ -201,8 +209,10 @@ def border_slivers(labels: np.ndarray, n: int, band: int = BORDER_BAND) -> np.nd
     """Per component 1..n: touches the image edge and lies wholly within `band` px of it."""
     edge = np.zeros(n + 1, bool)
     edge[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = True
-    inner = np.zeros(n + 1, bool)
-    inner[labels[band:-band, band:-band]] = True
+    edge[0] = False
+    if not edge.any():  # the common case: nothing touches the frame
+        return edge[1:]
+    inner = np.bincount(labels[band:-band, band:-band].ravel(), minlength=n + 1) > 0
     return (edge & ~inner)[1:]
 
 
@@ -214,12 +224,12 @@ def class_geometry(binary: np.ndarray, min_area: int) -> ClassGeometry:
     n = len(comp.areas)
     measured = comp.areas >= min_area
     roughness, blocky = np.full(n, np.nan), np.full(n, np.nan)
-    for contour in outer_contours(binary):
+    outer, hole_count = contours_and_holes(binary)
+    for contour in outer:
         k = comp.labels[contour[0, 1], contour[0, 0]]
         if measured[k - 1]:
             roughness[k - 1] = contour_roughness(contour)
             blocky[k - 1] = blockiness(contour)
-    hole_pixels, hole_count = holes(binary)
     return ClassGeometry(
         areas=comp.areas,
         roughness=roughness,
@@ -227,7 +237,6 @@ def class_geometry(binary: np.ndarray, min_area: int) -> ClassGeometry:
         isolation=isolation(comp, measured),
         border_sliver=border_slivers(comp.labels, n),
         hole_count=hole_count,
-        hole_area=int(hole_pixels.sum()),
     )
 
 

@@ -9,8 +9,8 @@ promoted, winner.json/report.md say so and the step exits 3.
 Champion/challenger: the winner replaces models/production/ only if its test mDice beats the
 champion's on the same test set, i.e. the same dataset version (recorded in model_card.json;
 strictly: an equal score keeps the champion). A champion measured on another dataset version
-cannot be compared, and re-evaluating it is not this step's job (its checkpoint may need another
-image), so the gated winner is promoted and winner.json records why.
+cannot be compared, and re-evaluating it is not this step's job (its checkpoint may come from code
+or a config this image no longer runs), so the gated winner is promoted and winner.json says why.
 """
 
 from __future__ import annotations
@@ -310,7 +310,7 @@ def render_report(run_id: str, ranked: list[Candidate], failed: dict[str, str], 
             "",
             "## Champion / challenger",
             "",
-            f"Decision: **{result['promotion']['decision']}**. {result['promotion']['reason']}.",
+            f"Decision: **{result['promotion']['decision']}** ({result['promotion']['reason']}).",
             f"Challenger ({w.experiment}) test mDice: {_fmt(result['promotion']['challenger_test_mDice'])}; "
             f"champion test mDice: {_fmt(result['promotion']['champion_test_mDice'])}.",
         ]

@@ -27,6 +27,8 @@ s3_server_module = _load_infra("s3_server")
 def _offline_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep every library off the network and out of $HOME during tests."""
     home = tmp_path_factory.getbasetemp() / "home"
+    # ClearML writes ~/.clearml/.session.json at a fixed path: keep it out of the real HOME.
+    monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("CLEARML_OFFLINE_MODE", "1")
     monkeypatch.setenv("YOLO_OFFLINE", "1")
     monkeypatch.setenv("SEGPIPE_WORK_DIR", str(home / "work"))

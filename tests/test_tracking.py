@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import zipfile
 from pathlib import Path
@@ -128,7 +129,7 @@ def test_offline_session_holds_scalars_and_hyperparameters(tmp_path: Path) -> No
     [session_zip] = session_dir.glob("offline-*.zip")
     events, task = read_session(session_zip)
     # the session lives where we said (conftest's CLEARML_CACHE_DIR), not in ~/.clearml
-    cache = Path(tracking.os.environ["CLEARML_CACHE_DIR"])
+    cache = Path(os.environ["CLEARML_CACHE_DIR"])
     assert (cache / "offline" / session_zip.name).is_file()
 
     with zipfile.ZipFile(session_zip) as zf:
