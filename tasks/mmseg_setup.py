@@ -104,6 +104,8 @@ class ResumableEarlyStoppingHook(EarlyStoppingHook):
         state = runner.message_hub.get_info(self._INFO_KEY)
         if state:  # restored from the checkpoint by runner.resume()
             self.best_score, self.wait_count = state["best_score"], state["wait_count"]
+            if self.wait_count >= self.patience:  # it had stopped the training before the interruption
+                runner.train_loop.stop_training = True
 
     def after_val_epoch(self, runner, metrics: dict) -> None:
         super().after_val_epoch(runner, metrics)

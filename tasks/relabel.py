@@ -14,8 +14,8 @@ Strategies:
   SAM2 for one mask, merged with the original by MERGE_RULE below. Weights are files the user supplies:
   by default s3://<bucket>/weights/yolov8x.pt and s3://<bucket>/weights/sam2.1_hiera_large.pt
   (or --yolo-weights / --sam2-checkpoint with a local path or an s3:// URI in the pipeline's bucket).
-- morphology (weights-free): speckles under --tiny-area take their surroundings' label, then every class
-  is redrawn from its smoothed outer contours (spurs opened away, jags smoothed, holes filled). It
+- morphology (weights-free), MORPHOLOGY_RULE below: speckles under --tiny-area take their surroundings'
+  label, small holes are filled, staircase/jagged outlines are redrawn from their smoothed contour. It
   cannot restore missing objects or missing parts; the report says so.
 - auto: yolo_sam2 when both weight files resolve, else morphology; the report says which ran and why.
 """
@@ -23,6 +23,7 @@ Strategies:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -58,6 +59,12 @@ MERGE_RULE = (
     "mostly by new masks of the other class (then the detector says it is another animal and they are "
     "dropped); ignore (255) pixels stay where no new mask covers them. Finally components under "
     "tiny-area px take their surroundings' label."
+)
+MORPHOLOGY_RULE = (
+    "Components under tiny-area px take the most common label around them; holes under tiny-area px "
+    "are filled (bigger ones can be real: an occluder in front of the animal); objects whose outline is "
+    "a staircase or jagged are redrawn from their smoothed contour, grown back to their drawn area; "
+    "clean outlines stay pixel-exact; ignore (255) pixels stay unless a repaired object covers them."
 )
 MORPHOLOGY_LIMITS = (
     "morphology only removes and smooths: it cannot restore missing objects or missing parts (ears, "
@@ -265,7 +272,7 @@ def relabel_train(root: Path, out_dir: Path, bad: set[str], repair: Repair, tiny
             start = time.perf_counter()
             new = repair(read_image(image_path), original)
             repair_s += time.perf_counter() - start
-            Image.fromarray(new, mode="L").save(dest / mask_path.name)
+            Image.fromarray(new).save(dest / mask_path.name)
             after = _class_areas(new)
             per_mask.append(_mask_change(key, original, new))
             for c in FOREGROUND:
@@ -402,8 +409,7 @@ def resolve_weight(spec: str | None, default_key: str, flag: str, st: store.Stor
 
 
 def check_sam2_config(name: str) -> str:
-    import importlib.util
-
+    """A config name of the installed sam2 package (found without importing sam2 and torch)."""
     package = Path(importlib.util.find_spec("sam2").origin).parent
     if not (package / name).is_file():
         known = sorted(p.relative_to(package).as_posix() for p in (package / "configs").rglob("*.yaml"))
@@ -420,10 +426,12 @@ class Plan:
 
 def plan_strategy(args: argparse.Namespace, st: store.Store) -> tuple[Plan, Callable[[], Repair]]:
     """Which strategy runs and a factory building its repair (models load only when it is called)."""
+
+    def morphology() -> Repair:
+        return lambda _image, mask: morphology_repair(mask, args.tiny_area)
+
     if args.strategy == "morphology":
-        return Plan(
-            "morphology", "requested", {}
-        ), lambda: lambda _image, mask: morphology_repair(mask, args.tiny_area)
+        return Plan("morphology", "requested", {}), morphology
     problems, resolved = [], {}
     for name, spec, key, flag in (
         ("yolo", args.yolo_weights, YOLO_WEIGHTS_KEY, "--yolo-weights"),
@@ -441,9 +449,7 @@ def plan_strategy(args: argparse.Namespace, st: store.Store) -> tuple[Plan, Call
         if args.strategy == "yolo_sam2":
             raise InputError(problems)
         reason = "auto: yolo_sam2 weights not available (" + "; ".join(problems) + ")"
-        return Plan(
-            "morphology", reason, {}
-        ), lambda: lambda _image, mask: morphology_repair(mask, args.tiny_area)
+        return Plan("morphology", reason, {}), morphology
     device = torch_device()
     models = {
         "yolo_weights": resolved["yolo"][1],
@@ -532,7 +538,8 @@ def main(args: argparse.Namespace) -> int:
         "strategy": plan.strategy,
         "strategy_reason": plan.reason,
         "models": plan.models,
-        "rule": MERGE_RULE if plan.strategy == "yolo_sam2" else MORPHOLOGY_LIMITS,
+        "rule": MERGE_RULE if plan.strategy == "yolo_sam2" else MORPHOLOGY_RULE,
+        "limits": None if plan.strategy == "yolo_sam2" else MORPHOLOGY_LIMITS,
         "tiny_area": args.tiny_area,
         "bad_masks": {
             "given": {"source": args.bad_masks, "masks": given},

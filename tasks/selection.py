@@ -56,8 +56,8 @@ class Candidate:
     def sort_key(self) -> tuple:
         return (-self.val["mDice"], -self.val["mIoU"], EXPERIMENTS.index(self.experiment))
 
-    def class_value(self, split: str, cls: str, key: str) -> float | None:
-        return (self.val if split == "val" else self.test)["per_class"].get(cls, {}).get(key)
+    def val_class(self, cls: str, key: str) -> float | None:
+        return self.val["per_class"].get(cls, {}).get(key)
 
 
 # ---------------------------------------------------------------- reading the stages' outputs
@@ -281,8 +281,8 @@ def render_report(run_id: str, ranked: list[Candidate], failed: dict[str, str], 
         d = c.description
         lines.append(
             f"| {c.experiment} | {d['model']} | {d['augmentation']} | {d['weighting']} "
-            f"| {_fmt(c.val['mDice'])} | {_fmt(c.val['mIoU'])} | {_fmt(c.class_value('val', 'cat', 'Dice'))} "
-            f"| {_fmt(c.class_value('val', 'dog', 'Dice'))} | {_fmt(c.val.get('best_epoch'))} | {c.rank} |"
+            f"| {_fmt(c.val['mDice'])} | {_fmt(c.val['mIoU'])} | {_fmt(c.val_class('cat', 'Dice'))} "
+            f"| {_fmt(c.val_class('dog', 'Dice'))} | {_fmt(c.val.get('best_epoch'))} | {c.rank} |"
         )
     if ranked:
         w = ranked[0]

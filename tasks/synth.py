@@ -257,7 +257,7 @@ def _unit_area_and_reach(parts: list[Part]) -> tuple[float, float]:
 def _stripes(rng: np.random.Generator, lu: np.ndarray, lv: np.ndarray, k: float) -> np.ndarray:
     """Tabby stripes across the body: a sharpened, slightly wavy sine in the animal's frame."""
     phi = rng.normal(0, 0.35)
-    period = rng.uniform(9, 14) * k
+    period = rng.uniform(11, 17) * k
     along = lu * math.cos(phi) + lv * math.sin(phi)
     across = -lu * math.sin(phi) + lv * math.cos(phi)
     wave = rng.uniform(0, 0.3) * period * np.sin(2 * np.pi * across / (rng.uniform(3, 6) * period))
@@ -268,12 +268,12 @@ def _stripes(rng: np.random.Generator, lu: np.ndarray, lv: np.ndarray, k: float)
 
 def _spots(rng: np.random.Generator, lu: np.ndarray, lv: np.ndarray, k: float) -> np.ndarray:
     """Round spots on a jittered grid in the animal's frame (each spot stays inside its cell)."""
-    cell = rng.uniform(12, 18) * k
+    cell = rng.uniform(15, 22) * k
     iu, iv = np.floor(lu / cell).astype(int), np.floor(lv / cell).astype(int)
     iu -= iu.min()
     iv -= iv.min()
     shape = (iu.max() + 1, iv.max() + 1)
-    radius = rng.uniform(0.22, 0.4, shape) * cell * (rng.random(shape) > 0.2)
+    radius = rng.uniform(0.25, 0.4, shape) * cell * (rng.random(shape) > 0.2)
     slack = np.maximum(cell / 2 - radius - 0.5, 0)
     jitter = rng.uniform(-1, 1, (2, *shape)) * slack
     cu = (np.floor(lu / cell) + 0.5) * cell + jitter[0][iu, iv]

@@ -11,7 +11,9 @@ from tasks.cli import STAGES
 
 
 def test_top_level_help_lists_every_stage() -> None:
-    out = subprocess.run([sys.executable, "-m", "tasks", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "tasks", "--help"], capture_output=True, text=True, check=True
+    )
     for step in STAGES:
         assert step in out.stdout
 

@@ -182,7 +182,10 @@ def test_cpu_profile_keeps_what_the_experiment_tests(experiment: str) -> None:
     else:
         assert cpu.model.backbone.embed_dims < full.model.backbone.embed_dims
     # augmentation: same transforms and parameters; only sizes shrink (256 -> 128)
-    full_pipeline, cpu_pipeline = full.train_dataloader.dataset.pipeline, cpu.train_dataloader.dataset.pipeline
+    full_pipeline, cpu_pipeline = (
+        full.train_dataloader.dataset.pipeline,
+        cpu.train_dataloader.dataset.pipeline,
+    )
     assert [t.type for t in cpu_pipeline] == [t.type for t in full_pipeline]
     for full_t, cpu_t in zip(full_pipeline, cpu_pipeline, strict=True):
         for key in set(full_t) - {"scale", "crop_size"}:

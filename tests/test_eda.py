@@ -28,7 +28,7 @@ def write_dataset(root: Path, split_masks: dict[str, dict[str, np.ndarray]]) -> 
             Image.fromarray(np.full((*mask.shape, 3), 128, np.uint8)).save(
                 root / "images" / split / f"{stem}.png"
             )
-            Image.fromarray(mask, mode="L").save(root / "labels" / split / f"{stem}.png")
+            Image.fromarray(mask).save(root / "labels" / split / f"{stem}.png")
     return root
 
 

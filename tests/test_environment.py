@@ -31,7 +31,9 @@ LOCK = _pins(REQUIREMENTS / "constraints.txt")
 @pytest.mark.parametrize("name", ["torch.txt", "tasks.txt", "airflow.txt", "dev.txt", "sam2.txt"])
 def test_every_pin_matches_the_lock(name: str) -> None:
     for package, version in _pins(REQUIREMENTS / name).items():
-        assert LOCK.get(package) == version, f"{name}: {package}=={version} but constraints.txt has {LOCK.get(package)}"
+        assert LOCK.get(package) == version, (
+            f"{name}: {package}=={version} but constraints.txt has {LOCK.get(package)}"
+        )
 
 
 def test_installed_versions_match_the_lock() -> None:

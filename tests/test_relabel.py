@@ -194,7 +194,7 @@ def test_cli_morphology_publishes_full_train_copy_and_never_touches_val_test(
     report = st.get_json(f"{prefix}/report.json")
     given = json.loads((tiny_dataset / "defects.json").read_text())
     assert report["strategy"] == "morphology" and report["strategy_requested"] == "morphology"
-    assert "cannot restore missing objects" in report["rule"]
+    assert "cannot restore missing objects" in report["limits"]
     assert report["bad_masks"]["given"]["masks"] == sorted(given)
     assert set(given) <= set(report["bad_masks"]["union"])
     assert report["bad_masks"]["scored"]["source"].startswith("computed")  # no EDA published for r1
