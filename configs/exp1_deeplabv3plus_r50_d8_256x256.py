@@ -1,8 +1,8 @@
 # Exp1: H1 with the study's augmentation (RandomResize 0.5-2.0, RandomCrop 256 cat_max_ratio 0.75,
 # RandomFlip, PhotoMetricDistortion): see _base_/datasets/study_256x256_aug.py.
 _base_ = [
-    './_base_/models/deeplabv3plus_r50-d8.py',
-    './_base_/datasets/study_256x256_aug.py',
-    './_base_/default_runtime.py',
-    './_base_/schedules/schedule_80e.py',
+    "./_base_/models/deeplabv3plus_r50-d8.py",
+    "./_base_/datasets/study_256x256_aug.py",
+    "./_base_/default_runtime.py",
+    "./_base_/schedules/schedule_80e.py",
 ]

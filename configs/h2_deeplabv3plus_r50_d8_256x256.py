@@ -1,11 +1,14 @@
 # H2: H1 with CrossEntropy class weights [0.0585, 1.0, 1.0] (background / 17: background is ~90%
 # of the pixels). The auxiliary head's CrossEntropy gets the same weights: it trains the same backbone.
-_base_ = ['./h1_deeplabv3plus_r50_d8_256x256.py']
+_base_ = ["./h1_deeplabv3plus_r50_d8_256x256.py"]
 
 class_weight = [0.0585, 1.0, 1.0]
 model = dict(
-    decode_head=dict(loss_decode=[
-        dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=0.5, class_weight=class_weight),
-        dict(type='DiceLoss', use_sigmoid=False, loss_weight=0.5, ignore_index=255),
-    ]),
-    auxiliary_head=dict(loss_decode=dict(class_weight=class_weight)))
+    decode_head=dict(
+        loss_decode=[
+            dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=0.5, class_weight=class_weight),
+            dict(type="DiceLoss", use_sigmoid=False, loss_weight=0.5, ignore_index=255),
+        ]
+    ),
+    auxiliary_head=dict(loss_decode=dict(class_weight=class_weight)),
+)

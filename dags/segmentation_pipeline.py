@@ -13,6 +13,7 @@ Runs: weekly by cron (SEGPIPE_SCHEDULE), whenever a producer updates the dataset
 
 from __future__ import annotations
 
+import copy
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -28,7 +29,7 @@ from airflow.sdk import (
     task,
     task_group,
 )
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, ParamValidationError
 
 SETTINGS = runners.Settings.from_env()
 LOCATION = SETTINGS.location_pattern
@@ -131,13 +132,16 @@ PARAMS = {
 
 
 def _plan(params: Any, run_id: str | None, triggering_asset_events: Any) -> dict[str, Any]:
+    if not run_id:
+        raise AirflowFailException("no run_id in the task context")
     params = dict(params)
     if dataset := runners.dataset_from_events(triggering_asset_events):
-        params["dataset"] = dataset
-    try:
-        return runners.build_plan(params, run_id, LOCATION)
-    except runners.PlanError as err:
-        raise AirflowFailException(str(err)) from err
+        # Not a param of this run's conf: validate it with the same schema before it is used.
+        try:
+            params["dataset"] = copy.copy(PARAMS["dataset"]).resolve(dataset)
+        except ParamValidationError as err:
+            raise AirflowFailException(f"asset event dataset {dataset!r} refused: {err}") from err
+    return runners.build_plan(params, run_id)
 
 
 with DAG(
@@ -161,7 +165,7 @@ with DAG(
     def plan(
         params: Any = None, run_id: str | None = None, triggering_asset_events: Any = None
     ) -> dict[str, Any]:
-        """Validate the params (and an asset event's dataset) and build every stage's command line."""
+        """Every stage's command line, from the validated params (and an asset event's dataset)."""
         return _plan(params, run_id, triggering_asset_events)
 
     @task(retries=0)

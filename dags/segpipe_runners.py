@@ -36,8 +36,8 @@ RELABEL_STRATEGIES = ("yolo_sam2", "morphology", "auto")
 RUNNERS = ("local", "docker")
 DEFAULT_BUCKET = "segmentation"
 DEFAULT_SCHEDULE = "0 3 * * 1"  # weekly, Monday 03:00 UTC
-DEFAULT_TRAINER_IMAGE = "segpipe-trainer:latest"
-DEFAULT_RELABEL_IMAGE = "segpipe-relabel:latest"
+DEFAULT_TRAINER_IMAGE = "segpipe-trainer:0.1.0"  # the tags docker-compose.yml builds
+DEFAULT_RELABEL_IMAGE = "segpipe-relabel:0.1.0"
 S3_CONN_ID = "segpipe_s3"
 CLEARML_CONN_ID = "segpipe_clearml"
 GPU_POOL = "gpu"
@@ -46,10 +46,6 @@ NO_RETRY_EXIT_CODES = {2: "bad input", 3: "quality gate failed"}
 # Same rule as tasks.store.check_run_id (kept here: the Airflow side does not import tasks/).
 RUN_ID_MAX = 128
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]")
-
-
-class PlanError(ValueError):
-    """A param or asset-event value the pipeline refuses (the run fails before any stage)."""
 
 
 # ---------------------------------------------------------------- settings
@@ -116,12 +112,6 @@ def location_pattern(bucket: str, allow_local: bool) -> str:
     return rf"^(?!.*\.\.)(?!.*\n)(?:{s3}{local})$"
 
 
-def check_location(value: str, pattern: str, what: str) -> str:
-    if not isinstance(value, str) or not re.match(pattern, value):
-        raise PlanError(f"{what} {value!r} is not allowed: it must match {pattern}")
-    return value
-
-
 def safe_run_id(airflow_run_id: str) -> str:
     """Airflow run id -> artifact-key-safe run id, the same for every task of a run.
 
@@ -145,39 +135,12 @@ def dataset_from_events(triggering_asset_events: Mapping[Any, Sequence[Any]] | N
     return max(named, key=lambda event: event.timestamp).extra["dataset"]
 
 
-def check_params(params: Mapping[str, Any], pattern: str) -> dict[str, Any]:
-    """Run-time re-check of what the Param schema already enforced (and of asset-event values)."""
-    experiments = list(params["experiments"])
-    unknown = sorted(set(experiments) - set(EXPERIMENTS))
-    if not experiments or unknown or len(set(experiments)) != len(experiments):
-        raise PlanError(f"experiments {experiments!r}: a non-empty set of {', '.join(EXPERIMENTS)}")
-    if params["profile"] not in PROFILES:
-        raise PlanError(f"profile {params['profile']!r}: expected one of {', '.join(PROFILES)}")
-    if params["relabel_strategy"] not in RELABEL_STRATEGIES:
-        raise PlanError(f"relabel_strategy {params['relabel_strategy']!r}: expected {RELABEL_STRATEGIES}")
-    max_epochs = params["max_epochs"]
-    if max_epochs is not None and (isinstance(max_epochs, bool) or not isinstance(max_epochs, int)):
-        raise PlanError(f"max_epochs {max_epochs!r}: expected a positive integer or null")
-    if max_epochs is not None and max_epochs < 1:
-        raise PlanError(f"max_epochs {max_epochs!r}: expected a positive integer or null")
-    gate = params["quality_gate"]
-    if isinstance(gate, bool) or not isinstance(gate, int | float) or not 0 <= gate <= 1:
-        raise PlanError(f"quality_gate {gate!r}: expected a number between 0 and 1")
-    if not isinstance(params["promote"], bool):
-        raise PlanError(f"promote {params['promote']!r}: expected true or false")
-    check_location(params["dataset"], pattern, "dataset")
-    if params["bad_masks"] is not None:
-        check_location(params["bad_masks"], pattern, "bad_masks")
-    return {**params, "experiments": experiments}
-
-
-def build_plan(params: Mapping[str, Any], airflow_run_id: str, pattern: str) -> dict[str, Any]:
+def build_plan(p: Mapping[str, Any], airflow_run_id: str) -> dict[str, Any]:
     """Every stage's argument list for one run (`python -m tasks` + these items).
 
-    Params become single argv items (never parsed by a shell); every value is validated first and
-    locations start with '/' or 's3://', so none can be read as an option.
+    `p` are params validated by the DAG's schema: each value becomes one argv item (never parsed by a
+    shell), choices come from enums and locations start with '/' or 's3://', so none reads as an option.
     """
-    p = check_params(params, pattern)
     run_id = safe_run_id(airflow_run_id)
     dataset = p["dataset"]
     recorded = {**p, "airflow_run_id": airflow_run_id}
@@ -212,7 +175,7 @@ def gpu_ids_from_env() -> list[str]:
     """SEGPIPE_GPU_IDS='0,1,2,3' (default '0'): the GPU ids docker may hand to trainings."""
     ids = [i.strip() for i in (os.environ.get("SEGPIPE_GPU_IDS") or "0").split(",") if i.strip()]
     if not ids or not all(re.fullmatch(r"[A-Za-z0-9-]+", i) for i in ids):
-        raise PlanError(f"SEGPIPE_GPU_IDS={os.environ.get('SEGPIPE_GPU_IDS')!r}: expected e.g. '0,1,2,3'")
+        raise ValueError(f"SEGPIPE_GPU_IDS={os.environ.get('SEGPIPE_GPU_IDS')!r}: expected e.g. '0,1,2,3'")
     return ids
 
 

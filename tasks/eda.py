@@ -13,6 +13,10 @@ Suspicious-mask score (train masks; no model involved). Each signal becomes evid
 - blocky:  the blockiest object's share of contour in axis-parallel straight runs (masks.blockiness): a
            staircase outline from a coarse annotation grid or an upscaled low-resolution mask; smooth
            outlines run straight only near their extremes. Ramp BLOCKY_RAMP
+- straight: the straightest object's share of outline on long edges of its polygon fit along which
+           the outline does not bend (masks.straightness): a hasty polygon of a few clicks,
+           which cuts off ears, paws and tails; natural outlines are curved almost everywhere (legs
+           have some straight sides). Ramp STRAIGHT_RAMP
 - rough:   the roughest object's contour length over its smoothed contour length, minus 1 (zig-zag
            jags); ~0.06 for a clean disk, but legs, ears and tails add up to ~0.35 on their own, so the
            ramp ROUGH_RAMP starts above that
@@ -26,6 +30,9 @@ Suspicious-mask score (train masks; no model involved). Each signal becomes evid
 The score combines them as a noisy-OR, 1 - prod(1 - w_i * e_i), where w_i says how far one signal alone
 is trusted to mean "bad mask": the weak ones (holes, border) are below SCORE_THRESHOLD, so they flag a
 mask only together with other evidence. A mask is flagged when its score reaches SCORE_THRESHOLD.
+Ramps, weights and the threshold were set from the distributions of each signal over clean and injected
+defective masks of generated datasets (tasks.synth, several seeds), never from individual masks;
+bench/relabel_quality.py measures the resulting precision and recall.
 """
 
 from __future__ import annotations
@@ -55,13 +62,22 @@ FOREGROUND = tuple(range(1, len(CLASSES)))  # class ids that form objects (backg
 STRAY_PX = 32.0
 NEAR_WEIGHT = 0.15
 BLOCKY_RAMP = (0.65, 0.9)
+STRAIGHT_RAMP = (0.6, 0.72)
 ROUGH_RAMP = (0.35, 0.7)
 AREA_Z_RAMP = (3.0, 4.5)
 LOG_AREA_SIGMA_FLOOR = 0.25
-SIGNAL_WEIGHTS = {"tiny": 0.8, "blocky": 0.9, "rough": 0.6, "holes": 0.25, "border": 0.25, "area": 0.6}
+SIGNAL_WEIGHTS = {
+    "tiny": 0.8,
+    "blocky": 0.9,
+    "straight": 0.9,
+    "rough": 0.6,
+    "holes": 0.25,
+    "border": 0.25,
+    "area": 0.6,
+}
 SCORE_THRESHOLD = 0.5
 # Bumped whenever the scorer's definition changes, so cached EDA outputs are recomputed.
-SCORER_VERSION = 2
+SCORER_VERSION = 3
 GRID_SIZE = 16  # masks in the suspicious-masks plot
 QUANTILES = {"p25": 25, "median": 50, "p75": 75}
 
@@ -76,6 +92,10 @@ def scorer_settings(tiny_area: int) -> dict[str, Any]:
         "stray_px": STRAY_PX,
         "near_weight": NEAR_WEIGHT,
         "blocky_ramp": BLOCKY_RAMP,
+        "straight_ramp": STRAIGHT_RAMP,
+        "poly_tolerance": masks.POLY_TOLERANCE,
+        "straight_edge": masks.STRAIGHT_EDGE,
+        "max_bulge": masks.MAX_BULGE,
         "rough_ramp": ROUGH_RAMP,
         "area_z_ramp": AREA_Z_RAMP,
         "log_area_sigma_floor": LOG_AREA_SIGMA_FLOOR,
@@ -164,6 +184,7 @@ class MaskSignals:
     tiny_stray: int
     tiny_near: int
     blocky: float  # max over measured objects; 0 when none measured
+    straight: float  # idem
     rough: float  # idem
     holes: int
     border: int
@@ -183,6 +204,7 @@ def mask_signals(geom: masks.MaskGeometry, tiny_area: int) -> MaskSignals:
         tiny_stray=int(sum((t > STRAY_PX).sum() for t in tiny)),
         tiny_near=int(sum((t <= STRAY_PX).sum() for t in tiny)),
         blocky=_max(g.blockiness for g in classes),
+        straight=_max(g.straightness for g in classes),
         rough=_max(g.roughness for g in classes),
         holes=sum(g.hole_count for g in classes),
         border=int(sum(g.border_sliver.sum() for g in classes)),
@@ -213,6 +235,7 @@ def evidence(s: MaskSignals, area_z: float) -> dict[str, float]:
     return {
         "tiny": 1 - 0.5 ** (s.tiny_stray + NEAR_WEIGHT * s.tiny_near),
         "blocky": _ramp(s.blocky, BLOCKY_RAMP),
+        "straight": _ramp(s.straight, STRAIGHT_RAMP),
         "rough": _ramp(s.rough, ROUGH_RAMP),
         "holes": 1 - 0.5**s.holes,
         "border": float(s.border > 0),
@@ -241,6 +264,7 @@ def score_signals(
             "tiny_stray": s.tiny_stray,
             "tiny_near": s.tiny_near,
             "blocky": round(s.blocky, 4),
+            "straight": round(s.straight, 4),
             "rough": round(s.rough, 4),
             "holes": s.holes,
             "border": s.border,

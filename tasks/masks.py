@@ -20,6 +20,12 @@ CONTOUR_SIGMA = 3.0
 # runs straight only near its 4 extremes (~sqrt(2R) px), a blocky one (drawn on a coarse grid, or a
 # low-resolution mask upscaled) almost everywhere.
 BLOCK_RUN = 5
+# A hasty polygon (a few clicks) is made of long straight edges. Its polygon fit (POLY_TOLERANCE px)
+# finds them as edges of STRAIGHT_EDGE px or more along which the outline stays on the chord; the fit
+# of a smooth curve has long edges too (~2*sqrt(2*R*tolerance) px), but the curve bulges off them.
+POLY_TOLERANCE = 2.5
+STRAIGHT_EDGE = 12
+MAX_BULGE = 0.35
 # An object is a border sliver when it touches the image edge and no pixel of it is farther than this
 # from the edge: a strip along the frame, not an object cut by it.
 BORDER_BAND = 3
@@ -38,6 +44,7 @@ class ClassGeometry:
     areas: np.ndarray  # int64 (n,) object areas in px
     roughness: np.ndarray  # float64 (n,) contour length / smoothed contour length - 1; NaN when not measured
     blockiness: np.ndarray  # float64 (n,) share of the contour in axis-parallel runs; NaN when not measured
+    straightness: np.ndarray  # float64 (n,) share of the contour on long straight edges; NaN idem
     isolation: (
         np.ndarray
     )  # float64 (n,) px to the nearest measured object of the class (0 for those, inf if none)
@@ -126,6 +133,45 @@ def blockiness(points: np.ndarray, min_run: int = BLOCK_RUN) -> float:
     """Share of a closed contour's steps that lie in straight axis-parallel runs of >= min_run steps."""
     runs = axis_runs(points)
     return float(runs[runs >= min_run].sum() / len(points))
+
+
+def straightness(
+    points: np.ndarray,
+    tolerance: float = POLY_TOLERANCE,
+    min_edge: float = STRAIGHT_EDGE,
+    max_bulge: float = MAX_BULGE,
+) -> float:
+    """Share of a closed contour's polygon-fit length on straight edges: edges of at least min_edge px
+    along which the contour does not bend (the sagitta of a parabola fitted to it, in the edge's frame,
+    is at most max_bulge px). A smooth arc cut into chords bends by about its chord's sagitta, a
+    clicked edge not at all; the fitted parabola ignores where exactly the fit put the vertices."""
+    polygon = cv2.approxPolyDP(points.reshape(-1, 1, 2).astype(np.int32), tolerance, True).reshape(-1, 2)
+    if len(polygon) < 3:
+        return float("nan")
+    # The fit's vertices are contour points: find their positions along the contour.
+    width = int(points[:, 0].max()) + 2
+    keys = points[:, 1].astype(np.int64) * width + points[:, 0]
+    order = np.argsort(keys, kind="stable")
+    vertex = np.unique(
+        order[np.searchsorted(keys[order], polygon[:, 1].astype(np.int64) * width + polygon[:, 0])]
+    )
+    pts = np.roll(points, -vertex[0], axis=0).astype(np.float64)
+    vertex = vertex - vertex[0]
+    edge = np.searchsorted(vertex, np.arange(len(pts)), side="right") - 1  # the edge each point is on
+    start, end = pts[vertex], pts[np.append(vertex[1:], 0)]
+    chord = end - start
+    length = np.maximum(np.hypot(*chord.T), 1e-9)
+    rel = pts - start[edge]
+    along = 2 * (rel[:, 0] * chord[edge, 0] + rel[:, 1] * chord[edge, 1]) / length[edge] ** 2 - 1  # -1..1
+    across = (rel[:, 0] * chord[edge, 1] - rel[:, 1] * chord[edge, 0]) / length[edge]
+    # Least squares across = a + b*t + c*t^2 for every edge at once (normal equations from sums).
+    t = [along**k for k in range(5)]
+    s = [np.add.reduceat(tk, vertex) for tk in t]
+    r = [np.add.reduceat(across * t[k], vertex) for k in range(3)]
+    normal = np.stack([np.stack(s[i : i + 3], -1) for i in range(3)], -2) + 1e-9 * np.eye(3)
+    sagitta = np.abs(np.linalg.solve(normal, np.stack(r, -1)[..., None])[:, 2, 0])
+    straight = (length >= min_edge) & (sagitta <= max_bulge)
+    return float(length[straight].sum() / length.sum())
 
 
 def staircase_step(points: np.ndarray, min_run: int = BLOCK_RUN) -> float:
@@ -223,17 +269,19 @@ def class_geometry(binary: np.ndarray, min_area: int) -> ClassGeometry:
     comp = components(binary)
     n = len(comp.areas)
     measured = comp.areas >= min_area
-    roughness, blocky = np.full(n, np.nan), np.full(n, np.nan)
+    roughness, blocky, straight = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
     outer, hole_count = contours_and_holes(binary)
     for contour in outer:
         k = comp.labels[contour[0, 1], contour[0, 0]]
         if measured[k - 1]:
             roughness[k - 1] = contour_roughness(contour)
             blocky[k - 1] = blockiness(contour)
+            straight[k - 1] = straightness(contour)
     return ClassGeometry(
         areas=comp.areas,
         roughness=roughness,
         blockiness=blocky,
+        straightness=straight,
         isolation=isolation(comp, measured),
         border_sliver=border_slivers(comp.labels, n),
         hole_count=hole_count,

@@ -460,9 +460,22 @@ def plan_strategy(args: argparse.Namespace, st: store.Store) -> tuple[Plan, Call
     reason = "requested" if args.strategy == "yolo_sam2" else "auto: yolo_sam2 weights found"
 
     def build() -> Repair:
-        detector = YoloDetector(resolved["yolo"][0], device)
-        segmenter = Sam2Segmenter(config, resolved["sam2"][0], device)
-        return YoloSam2Repair(detector, segmenter, args.tiny_area)
+        # A weights file that does not load is bad input (exit 2, no retry), named with its flag.
+        problems, loaded = [], {}
+        for name, flag, load in (
+            ("yolo", "--yolo-weights", lambda: YoloDetector(resolved["yolo"][0], device)),
+            ("sam2", "--sam2-checkpoint", lambda: Sam2Segmenter(config, resolved["sam2"][0], device)),
+        ):
+            try:
+                loaded[name] = load()
+            except Exception as err:  # ultralytics, sam2 and torch each raise their own type
+                why = (str(err).strip().splitlines() or [""])[0]
+                problems.append(
+                    f"{flag} {resolved[name][1]}: not a loadable checkpoint ({type(err).__name__}: {why})"
+                )
+        if problems:
+            raise InputError(problems)
+        return YoloSam2Repair(loaded["yolo"], loaded["sam2"], args.tiny_area)
 
     return Plan("yolo_sam2", reason, models), build
 

@@ -592,7 +592,7 @@ def materialize_dataset(uri: str, store: Store | None = None) -> DatasetRef:
     s3:// prefix: downloaded into work_dir()/datasets/<prefix> (reused while the remote marker, or
     the remote listing for unpublished prefixes, is unchanged); root is the local copy.
     """
-    from tasks.dataset import content_hash  # the dataset module owns what a version is
+    from tasks.dataset import content_hash, validate_dataset  # the dataset module owns both
 
     store = store or Store.from_env()
     if not uri.startswith("s3://"):
@@ -602,6 +602,8 @@ def materialize_dataset(uri: str, store: Store | None = None) -> DatasetRef:
         name, version = _sanitize_name(root.name), content_hash(root)
         prefix = dataset_prefix(name, version)
         if store.marker(prefix) is None:  # content-addressed: a published version never changes
+            # Any stage may be the first to see a dataset: never publish one that fails validation.
+            validate_dataset(root)
             store.publish(root, prefix, inputs={"dataset_version": version})
         else:
             log.info("dataset %s version %s already in %s (cached)", name, version, store.uri(prefix))

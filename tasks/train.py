@@ -352,10 +352,15 @@ def _pretrained_file(store: Store, spec: str | None, cache_dir: Path) -> Path | 
         key = parse_s3_uri(spec, store.bucket)
         if not store.exists(key):
             raise InputError(f"{spec}: pretrained weights not found in the store")
-        return store.download_file(key, cache_dir / Path(key).name)
-    path = Path(spec).expanduser().resolve()
-    if not path.is_file():
-        raise InputError(f"{spec}: pretrained weights file does not exist")
+        path = store.download_file(key, cache_dir / Path(key).name)
+    else:
+        path = Path(spec).expanduser().resolve()
+        if not path.is_file():
+            raise InputError(f"{spec}: pretrained weights file does not exist")
+    try:  # a bad file is bad input (exit 2, no retry), found before any model is built
+        mmcompat.load_checkpoint_file(str(path), map_location="cpu")
+    except ValueError as err:  # user weights load with weights_only=True only (tasks.mmcompat)
+        raise InputError(f"--pretrained {spec}: {err}") from err
     return path
 
 
@@ -378,9 +383,9 @@ def train_experiment(
     prefix = stage_prefix(run_id, "train", experiment)
     mirror_prefix = f"{prefix}/work"
 
+    weights = _pretrained_file(store, pretrained, exp_dir / "pretrained")
     ds = materialize_dataset(dataset, store)
     labels = resolve_train_labels(store, run_id, ds.root, exp_dir / "relabel")
-    weights = _pretrained_file(store, pretrained, exp_dir / "pretrained")
     inputs = {
         "dataset_version": ds.version,
         "experiment": experiment,
@@ -399,7 +404,7 @@ def train_experiment(
     if work.exists():
         shutil.rmtree(work)  # the store's mirror, not a local leftover, decides where to resume
     work.mkdir(parents=True)
-    mmcompat.trust_checkpoints_under(exp_dir)
+    mmcompat.trust_checkpoints_under(work)  # our checkpoints only: never exp_dir/pretrained
     cfg = load_experiment_config(experiment, profile, view, work, max_epochs, weights)
     resume_from = restore_mirror(store, mirror_prefix, inputs, work)
     if resume_from is not None:
@@ -462,6 +467,7 @@ def _run_and_publish(
             "best_epoch": best["epoch"],
             **metrics_from_flat(best["metrics"], classes),
             "epochs_trained": runner.epoch,
+            "iterations": runner.iter,
             "max_epochs": cfg.train_cfg.max_epochs,
             "profile": inputs["profile"],
             "train_labels": labels.source,

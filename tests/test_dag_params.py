@@ -151,7 +151,7 @@ def test_asset_event_names_the_dataset_and_is_validated_too(dag: Any) -> None:
     assert commands["eda"][-1] == "s3://segmentation/datasets/pets/v7"
     assert commands["run_id"] == "asset_triggered__2026-11-25T18-00-00-00-00"
     with pytest.raises(
-        AirflowFailException, match="dataset 's3://segmentation/datasets/../x' is not allowed"
+        AirflowFailException, match="asset event dataset 's3://segmentation/datasets/../x' refused"
     ):
         plan(**context, triggering_asset_events=_asset_events("s3://segmentation/datasets/../x"))
 

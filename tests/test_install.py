@@ -46,8 +46,8 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> list[object]:
 
 def _train_step(model: torch.nn.Module) -> float:
     """One mmseg train step (loss, backward) on a 2x3x64x64 batch; returns the loss."""
-    from mmseg.structures import SegDataSample
     from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
 
     torch.manual_seed(0)
     inputs = [torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8) for _ in range(2)]

@@ -82,6 +82,17 @@ def test_blockiness_and_staircase_step() -> None:
     assert 6 <= masks.staircase_step(staircase) <= 16  # 8 px stairs (runs count steps, ends included)
 
 
+def test_straightness_tells_a_clicked_polygon_from_a_smooth_outline() -> None:
+    yy, xx = np.mgrid[:256, :256]
+    ellipse = (((xx - 128) / 100.0) ** 2 + ((yy - 128) / 70.0) ** 2) <= 1  # big, smooth: long fit edges
+    angles = np.linspace(0, 2 * np.pi, 8, endpoint=False) + 0.2
+    clicks = np.stack([128 + 100 * np.cos(angles), 128 + 70 * np.sin(angles)], 1).round().astype(np.int32)
+    polygon = np.zeros((256, 256), np.uint8)
+    cv2.fillPoly(polygon, [clicks], 1)  # the same object outlined with 8 clicks
+    assert masks.straightness(masks.outer_contours(ellipse)[0]) < 0.4
+    assert masks.straightness(masks.outer_contours(polygon.astype(bool))[0]) > 0.9
+
+
 def test_repair_smooths_jagged_and_blocky_outlines() -> None:
     truth = disk()
     for damaged in (jagged_disk(), blocky_disk()):

@@ -16,6 +16,9 @@ from tasks.train import load_experiment_config
 
 
 def _train_dataset_cfg(root: Path) -> dict:
+    from mmengine.registry import init_default_scope
+
+    init_default_scope("mmseg")  # as the Runner does (default_scope): mmseg's transforms, not mmcv's
     return load_experiment_config("h1", "full", dataset_root=root).train_dataloader.dataset
 
 

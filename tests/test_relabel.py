@@ -32,9 +32,16 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 @pytest.fixture()
 def no_network(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """Every connection attempt off loopback fails (and is recorded)."""
+    """Every connection attempt or name lookup off loopback fails (and is recorded)."""
     attempts: list[object] = []
     connect = socket.socket.connect
+    getaddrinfo = socket.getaddrinfo
+
+    def guarded_lookup(host: object, *args: object, **kwargs: object) -> object:
+        if host not in (*LOOPBACK, None):
+            attempts.append(host)
+            raise OSError(f"test: name lookup of {host} blocked")
+        return getaddrinfo(host, *args, **kwargs)
 
     def guarded(self: socket.socket, address: object) -> object:
         host = address[0] if isinstance(address, tuple) else address
@@ -44,6 +51,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> list[object]:
         return connect(self, address)
 
     monkeypatch.setattr(socket.socket, "connect", guarded)
+    monkeypatch.setattr(socket, "getaddrinfo", guarded_lookup)
     return attempts
 
 
@@ -80,6 +88,9 @@ def test_yolo_sam2_on_two_images_with_weightless_models(
 ) -> None:
     import torch
 
+    with pytest.raises(OSError, match="blocked"):  # the guard itself works
+        socket.create_connection(("example.com", 443), timeout=1)
+    no_network.clear()
     torch.manual_seed(0)  # the untrained SAM2 starts from random weights: keep them the same each run
     pairs = list_pairs(tiny_dataset, "train")
     with_animals = [

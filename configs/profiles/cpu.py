@@ -33,11 +33,16 @@ models = dict(
         model=dict(
             backbone=dict(depth=18, stem_channels=16, base_channels=16),
             decode_head=dict(
-                in_channels=128, channels=64, c1_in_channels=16, c1_channels=16, dilations=(1, 3, 6, 9)),
-            auxiliary_head=dict(in_channels=64, channels=32))),
+                in_channels=128, channels=64, c1_in_channels=16, c1_channels=16, dilations=(1, 3, 6, 9)
+            ),
+            auxiliary_head=dict(in_channels=64, channels=32),
+        )
+    ),
     MixVisionTransformer=dict(
         model=dict(
             backbone=dict(embed_dims=16, num_heads=[1, 2, 4, 8], num_layers=[1, 1, 1, 1]),
-            decode_head=dict(in_channels=[16, 32, 64, 128], channels=64)),
-        optim_wrapper=dict(optimizer=dict(lr=1e-3))),
+            decode_head=dict(in_channels=[16, 32, 64, 128], channels=64),
+        ),
+        optim_wrapper=dict(optimizer=dict(lr=1e-3)),
+    ),
 )

@@ -2,67 +2,73 @@
 # 3 classes (background, cat, dog; names and palette come from StudyDataset), 255 = ignore.
 # `data_root` is a placeholder: tasks.train points it at the run's dataset view, whose
 # labels/train is the chosen train-label source (relabeled, labels_sam2 or the original).
-custom_imports = dict(imports=['tasks.mmseg_setup'], allow_failed_imports=False)
+custom_imports = dict(imports=["tasks.mmseg_setup"], allow_failed_imports=False)
 
-dataset_type = 'StudyDataset'
-data_root = 'data/study'
+dataset_type = "StudyDataset"
+data_root = "data/study"
 ignore_index = 255
 img_scale = (256, 256)
 crop_size = (256, 256)
 
 train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', reduce_zero_label=False),
+    dict(type="LoadImageFromFile"),
+    dict(type="LoadAnnotations", reduce_zero_label=False),
     # a no-op on the study's 256x256 images; brings other sizes (and the CPU profile) to the scale
-    dict(type='Resize', scale=img_scale, keep_ratio=True),
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='PackSegInputs'),
+    dict(type="Resize", scale=img_scale, keep_ratio=True),
+    dict(type="RandomFlip", prob=0.5),
+    dict(type="PackSegInputs"),
 ]
 test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=img_scale, keep_ratio=True),
+    dict(type="LoadImageFromFile"),
+    dict(type="Resize", scale=img_scale, keep_ratio=True),
     # annotations after Resize: metrics are computed at the mask's own resolution
-    dict(type='LoadAnnotations', reduce_zero_label=False),
-    dict(type='PackSegInputs'),
+    dict(type="LoadAnnotations", reduce_zero_label=False),
+    dict(type="PackSegInputs"),
 ]
 
 train_dataloader = dict(
     batch_size=8,
     num_workers=2,
     persistent_workers=True,
-    sampler=dict(type='DefaultSampler', shuffle=True),
+    sampler=dict(type="DefaultSampler", shuffle=True),
     dataset=dict(
         type=dataset_type,
         data_root=data_root,
-        data_prefix=dict(img_path='images/train', seg_map_path='labels/train'),
+        data_prefix=dict(img_path="images/train", seg_map_path="labels/train"),
         reduce_zero_label=False,
         ignore_index=ignore_index,
-        pipeline=train_pipeline))
+        pipeline=train_pipeline,
+    ),
+)
 val_dataloader = dict(
     batch_size=1,
     num_workers=2,
     persistent_workers=True,
-    sampler=dict(type='DefaultSampler', shuffle=False),
+    sampler=dict(type="DefaultSampler", shuffle=False),
     dataset=dict(
         type=dataset_type,
         data_root=data_root,
-        data_prefix=dict(img_path='images/val', seg_map_path='labels/val'),
+        data_prefix=dict(img_path="images/val", seg_map_path="labels/val"),
         reduce_zero_label=False,
         ignore_index=ignore_index,
-        pipeline=test_pipeline))
+        pipeline=test_pipeline,
+    ),
+)
 test_dataloader = dict(
     batch_size=1,
     num_workers=2,
     persistent_workers=True,
-    sampler=dict(type='DefaultSampler', shuffle=False),
+    sampler=dict(type="DefaultSampler", shuffle=False),
     dataset=dict(
         type=dataset_type,
         data_root=data_root,
-        data_prefix=dict(img_path='images/test', seg_map_path='labels/test'),
+        data_prefix=dict(img_path="images/test", seg_map_path="labels/test"),
         reduce_zero_label=False,
         ignore_index=ignore_index,
-        pipeline=test_pipeline))
+        pipeline=test_pipeline,
+    ),
+)
 
 # mmseg's IoUMetric (mIoU and mDice, background included), plus its per-class values
-val_evaluator = dict(type='PerClassIoUMetric', iou_metrics=['mIoU', 'mDice'], ignore_index=ignore_index)
+val_evaluator = dict(type="PerClassIoUMetric", iou_metrics=["mIoU", "mDice"], ignore_index=ignore_index)
 test_evaluator = val_evaluator

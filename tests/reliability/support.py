@@ -1,0 +1,158 @@
+"""Reliability suite: stage processes one can watch, pause and kill; private S3 servers one can stop;
+one pipeline run (twice, same run id) shared by the idempotency, concurrency, ClearML and secret tests.
+
+Faults are real: `moto_server` processes are stopped and started, stage processes get SIGKILL or
+SIGSTOP/SIGCONT. Nothing here stands in for a stage, boto3, ClearML or an Airflow operator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog.testing
+from test_dag import parse_dag, plan_xcoms, render, run_params, runners  # runners: dags/segpipe_runners
+
+from tasks.store import Store
+
+ROOT = Path(__file__).resolve().parents[2]
+# Known fake credentials: the secret test greps every log and object of the pipeline run for them.
+WORKER_S3_KEY = "FAKEWORKERKEY0RELIAB"
+WORKER_S3_SECRET = "worker-s3-secret-9d41c7e2"
+CONN_S3_KEY = "FAKECONNKEY0RELIAB"
+CONN_S3_SECRET = "conn-s3-secret-5ab83f10"
+CLEARML_ACCESS = "fake-clearml-access-2c7d"
+CLEARML_SECRET = "clearml-secret-e61f0b93"
+SECRETS = (WORKER_S3_SECRET, CONN_S3_SECRET, CLEARML_SECRET)
+PIPELINE_BUCKET = "segpipe-reliability"
+PIPELINE_EXPERIMENTS = ("h1", "exp2")
+CLEARML_DOWN_EXPERIMENT = "h1"  # trains with ClearML online settings pointing at a closed port
+
+
+def offline_env(home: Path) -> dict[str, str]:
+    """The offline hygiene of tests/conftest.py's _offline_env, for processes a session fixture starts."""
+    return {
+        "HOME": str(home),
+        "CLEARML_OFFLINE_MODE": "1",
+        "YOLO_OFFLINE": "1",
+        "SEGPIPE_WORK_DIR": str(home / "work"),
+        "MPLCONFIGDIR": str(home / "mpl"),
+        "TORCH_HOME": str(home / "torch"),
+        "YOLO_CONFIG_DIR": str(home / "yolo"),
+        "CLEARML_CACHE_DIR": str(home / "clearml"),
+    }
+
+
+def closed_port() -> int:
+    """A 127.0.0.1 port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def bucket_state(store: Store) -> dict[str, str]:
+    """Every key of the bucket with its ETag: equal states mean nothing was added, lost or rewritten."""
+    pages = store.client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket)
+    return {obj["Key"]: obj["ETag"] for page in pages for obj in page.get("Contents", [])}
+
+
+def bucket_objects(store: Store) -> dict[str, bytes]:
+    return {key: store.get_bytes(key) for key in bucket_state(store)}
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def texts_inside(name: str, data: bytes, depth: int = 0) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of a file and, for zip archives (ClearML sessions, torch checkpoints), of every
+    member, recursively: a secret must not hide in a compressed member."""
+    yield name, data
+    if depth < 3 and data[:4] == b"PK\x03\x04":
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            for member in archive.namelist():
+                yield from texts_inside(f"{name}!{member}", archive.read(member), depth + 1)
+
+
+class StageProcess:
+    """`python -m tasks ARGS` in its own process group, its output read line by line as it comes."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.args = args
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tasks", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+            start_new_session=True,  # a signal to its group reaches the whole stage
+        )
+        self.lines: list[str] = []
+        self._done = False
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._done = True
+            self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._changed:
+            return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 300) -> str:
+        """The first output line matching pattern; fails if the stage exits or times out first."""
+        regex, seen = re.compile(pattern), 0
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.lines[seen:]:
+                    if regex.search(line):
+                        return line
+                seen = len(self.lines)
+                remaining = deadline - time.monotonic()
+                if self._done or remaining <= 0:
+                    tail = "\n".join(self.lines[-40:])
+                    state = f"exited {self.proc.wait()}" if self._done else f"no match in {timeout}s"
+                    raise AssertionError(f"{self.args[0]}: {state} before /{pattern}/; last lines:\n{tail}")
+                self._changed.wait(remaining)
+
+    def signal(self, sig: int) -> None:
+        os.killpg(self.proc.pid, sig)
+
+    def finish(self, timeout: float = 300) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=30)
+        return code
+
+    def stop(self) -> None:
+        """Kill this stage's process group if it still runs (test cleanup)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait()
+
+

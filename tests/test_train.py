@@ -1,0 +1,252 @@
+"""tasks.train: train-label choice, dataset view, pretrained weights, the resume mirror, and
+`python -m tasks train` end to end against the S3 server (publish, cache, kill and resume)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import subprocess_env
+
+from tasks.errors import InputError
+from tasks.store import Store, stage_prefix
+from tasks.train import (
+    MIRROR_INDEX,
+    load_experiment_config,
+    prepare_dataset_view,
+    resolve_train_labels,
+    restore_mirror,
+    train_experiment,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_FILES = {"best.pth", "config.py", "log.json", "val_metrics.json"}
+
+
+def _train_cmd(run_id: str, dataset: Path, experiment: str, max_epochs: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "tasks",
+        "train",
+        "--experiment",
+        experiment,
+        "--run-id",
+        run_id,
+        "--dataset",
+        str(dataset),
+        "--profile",
+        "cpu",
+        "--max-epochs",
+        str(max_epochs),
+    ]
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def _val_records(log_json: str) -> list[dict]:
+    """mmengine's scalar log: one JSON object per line; validation records carry mDice and no lr."""
+    records = [json.loads(line) for line in log_json.splitlines() if line.strip()]
+    return [r for r in records if "mDice" in r]
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_train_labels_prefer_relabel_then_labels_sam2_then_labels(
+    s3_env: dict, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    store = Store.from_env()
+    root = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, root)
+    chosen = resolve_train_labels(store, "r1", root, tmp_path / "cache")
+    assert (chosen.source, chosen.path) == ("dataset:labels/train", root / "labels/train")
+    assert chosen.version is None  # the dataset version covers the dataset's own labels
+
+    shutil.copytree(root / "labels" / "train", root / "labels_sam2" / "train")
+    chosen = resolve_train_labels(store, "r1", root, tmp_path / "cache")
+    assert (chosen.source, chosen.path) == ("dataset:labels_sam2/train", root / "labels_sam2/train")
+
+    relabel = tmp_path / "relabel_out"
+    shutil.copytree(root / "labels" / "train", relabel / "labels_sam2" / "train")
+    (relabel / "report.json").write_text("{}")
+    store.publish(relabel, stage_prefix("r1", "relabel"), inputs={})
+    chosen = resolve_train_labels(store, "r1", root, tmp_path / "cache")
+    assert chosen.source == f"s3://{store.bucket}/runs/r1/relabel/labels_sam2/train"
+    assert chosen.path == tmp_path / "cache" / "labels_sam2" / "train"
+    assert sorted(p.name for p in chosen.path.iterdir()) == sorted(p.name for p in relabel.rglob("*.png"))
+    assert chosen.version and len(chosen.version) == 16
+    # another run id has no relabel output: back to the dataset's own labels
+    assert resolve_train_labels(store, "r2", root, tmp_path / "cache2").source == "dataset:labels_sam2/train"
+
+
+def test_dataset_view_links_images_and_the_chosen_train_labels(tiny_dataset: Path, tmp_path: Path) -> None:
+    other_labels = tmp_path / "relabeled"
+    shutil.copytree(tiny_dataset / "labels" / "train", other_labels)
+    view = prepare_dataset_view(tiny_dataset, other_labels, tmp_path / "view")
+    assert (view / "labels" / "train").resolve() == other_labels.resolve()
+    for split in ("train", "val", "test"):
+        assert (view / "images" / split).resolve() == (tiny_dataset / "images" / split).resolve()
+    for split in ("val", "test"):
+        assert (view / "labels" / split).resolve() == (tiny_dataset / "labels" / split).resolve()
+    # rebuilt on the next call: a view never keeps a previous source
+    view = prepare_dataset_view(tiny_dataset, tiny_dataset / "labels" / "train", tmp_path / "view")
+    assert (view / "labels" / "train").resolve() == (tiny_dataset / "labels" / "train").resolve()
+    with pytest.raises(InputError, match="relabeled_gone: folder missing"):
+        prepare_dataset_view(tiny_dataset, tmp_path / "relabeled_gone", tmp_path / "view")
+
+
+def test_pretrained_backbone_is_loaded_from_the_given_file(tmp_path: Path) -> None:
+    from mmseg.registry import MODELS
+
+    cfg = load_experiment_config("exp2", "full")
+    assert cfg.model.pretrained is None
+    source = MODELS.build(cfg.model.backbone)  # MiT-B2 with its own random init: our "ImageNet" weights
+    weights = tmp_path / "mit_b2.pth"
+    torch.save({"state_dict": source.state_dict()}, weights)
+
+    model = MODELS.build(load_experiment_config("exp2", "full", pretrained=weights).model)
+    model.init_weights()
+    loaded = model.backbone.state_dict()
+    assert loaded.keys() == source.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in source.state_dict().items())
+
+
+def test_mirror_is_resumed_only_for_the_same_inputs(s3_env: dict, tmp_path: Path) -> None:
+    store = Store.from_env()
+    prefix = "runs/r1/train/h1/work"
+    inputs = {"dataset_version": "abc", "experiment": "h1", "max_epochs": 3}
+    store.put_text(f"{prefix}/epoch_2.pth", "checkpoint bytes")
+    store.put_text(f"{prefix}/20260101_000000/vis_data/20260101_000000.json", "{}\n")
+    index = {"inputs": inputs, "epoch": 2, "checkpoint": "epoch_2.pth"}
+    index["files"] = ["epoch_2.pth", "20260101_000000/vis_data/20260101_000000.json"]
+    store.put_json(f"{prefix}/{MIRROR_INDEX}", index)
+
+    assert restore_mirror(store, prefix, {**inputs, "dataset_version": "other"}, tmp_path / "a") is None
+    assert not (tmp_path / "a").exists()
+    resumed = restore_mirror(store, prefix, inputs, tmp_path / "b")
+    assert resumed == tmp_path / "b" / "epoch_2.pth"
+    assert resumed.read_text() == "checkpoint bytes"
+    assert (tmp_path / "b" / "20260101_000000" / "vis_data" / "20260101_000000.json").is_file()
+    assert restore_mirror(store, "runs/r1/train/h2/work", inputs, tmp_path / "c") is None
+
+
+def test_bad_arguments_exit_2_with_a_clear_message(s3_env: dict, tiny_dataset: Path, tmp_path: Path) -> None:
+    cmd = _train_cmd("r1", tmp_path / "missing", "h1", 1)
+    result = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert f"error: {tmp_path / 'missing'}: dataset directory does not exist" in result.stderr
+    with pytest.raises(InputError, match=f"{tmp_path / 'nope.pth'}: pretrained weights file does not exist"):
+        train_experiment("h1", "r1", str(tiny_dataset), pretrained=str(tmp_path / "nope.pth"))
+    with pytest.raises(InputError, match="s3://elsewhere/w.pth: bucket 'elsewhere' is not the pipeline's"):
+        train_experiment("h1", "r1", str(tiny_dataset), pretrained="s3://elsewhere/w.pth")
+    with pytest.raises(InputError, match="invalid run id"):
+        train_experiment("h1", "../r1", str(tiny_dataset))
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_train_publishes_outputs_then_a_second_run_is_cached(
+    s3_env: dict, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    from mmengine.config import Config
+    from mmengine.runner.checkpoint import _load_checkpoint
+
+    store = Store.from_env()
+    prefix = stage_prefix("r1", "train", "h2")
+    first = _run(_train_cmd("r1", tiny_dataset, "h2", 1))
+    assert "backbone starts from scratch" in first.stderr
+    assert "train labels from dataset:labels/train" in first.stderr
+
+    marker = store.marker(prefix)
+    assert marker is not None and set(marker["files"]) >= TRAIN_FILES
+    assert any(name.startswith("clearml/") and name.endswith(".zip") for name in marker["files"])
+    assert marker["inputs"]["labels_source"] == "dataset:labels/train"
+    assert not store.list_keys(f"{prefix}/work")  # the resume mirror is gone once published
+    local = store.fetch(prefix, tmp_path / "out")
+
+    metrics = json.loads((local / "val_metrics.json").read_text())
+    assert (metrics["experiment"], metrics["split"], metrics["best_epoch"]) == ("h2", "val", 1)
+    assert metrics["checkpoint"] == "best_mDice_epoch_1.pth"
+    assert metrics["dataset_version"] == marker["inputs"]["dataset_version"]
+    assert metrics["train_labels"] == "dataset:labels/train" and metrics["pretrained"] is None
+    for key in ("aAcc", "mIoU", "mAcc", "mDice"):
+        assert 0.0 <= metrics[key] <= 100.0
+    assert set(metrics["per_class"]) == {"background", "cat", "dog"}
+    for values in metrics["per_class"].values():
+        assert set(values) == {"IoU", "Dice", "Acc"}
+        assert all(v is None or 0.0 <= v <= 100.0 for v in values.values())
+    dice = [v["Dice"] for v in metrics["per_class"].values() if v["Dice"] is not None]
+    assert metrics["mDice"] == pytest.approx(sum(dice) / len(dice), abs=0.02)
+
+    # best.pth holds weights only: it loads with torch's safe loader, no trust needed
+    checkpoint = _load_checkpoint(str(local / "best.pth"), map_location="cpu")
+    assert set(checkpoint) == {"meta", "state_dict"}
+    assert checkpoint["meta"]["epoch"] == 1
+    config = Config.fromfile(local / "config.py")
+    assert config.model.decode_head.loss_decode[0].class_weight == [0.0585, 1.0, 1.0]
+    assert config.profile == "cpu" and config.train_cfg.max_epochs == 1
+    records = _val_records((local / "log.json").read_text())
+    assert [r["step"] for r in records] == [1]
+    assert records[0]["mDice"] == pytest.approx(metrics["mDice"], abs=0.01)  # float32 in the log
+
+    second = _run(_train_cmd("r1", tiny_dataset, "h2", 1))
+    assert "cached" in second.stderr
+    assert json.loads(second.stdout)["status"] == "cached"
+    assert store.marker(prefix)["published_at"] == marker["published_at"]
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_at_the_next_epoch(s3_env: dict, tiny_dataset: Path, tmp_path: Path) -> None:
+    from mmengine.runner.checkpoint import _load_checkpoint
+
+    from tasks import mmcompat
+
+    store = Store.from_env()
+    prefix = stage_prefix("r1", "train", "exp2")
+    index_key = f"{prefix}/work/{MIRROR_INDEX}"
+    cmd = _train_cmd("r1", tiny_dataset, "exp2", 6)
+    with open(tmp_path / "killed.log", "w") as log_file:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=log_file, stderr=log_file)
+        deadline = time.monotonic() + 300
+        while not store.exists(index_key):  # the first checkpoint has been mirrored
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint mirrored within 300 s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)  # a worker lost mid-training: no cleanup of any kind
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    index = store.get_json(index_key)
+    mirrored = index["epoch"]
+    assert 1 <= mirrored < 6 and store.marker(prefix) is None
+    # what the retry resumes from carries the validation state of its epoch
+    checkpoint_file = tmp_path / "mirrored.pth"
+    store.download_file(f"{prefix}/work/{index['checkpoint']}", checkpoint_file)
+    mmcompat.trust_checkpoints_under(tmp_path)
+    hub = _load_checkpoint(str(checkpoint_file), map_location="cpu")["message_hub"]["runtime_info"]
+    assert hub["best_val"]["epoch"] <= mirrored and "early_stopping" in hub
+
+    retry = _run(cmd)
+    output = retry.stdout + retry.stderr
+    assert f"resumed epoch: {mirrored}," in output
+    assert "resumed epoch: 0," not in output
+    local = store.fetch(prefix, tmp_path / "out")
+    metrics = json.loads((local / "val_metrics.json").read_text())
+    assert metrics["epochs_trained"] > mirrored
+    # every epoch validated exactly once across the killed run and the retry: nothing trained twice
+    steps = [r["step"] for r in _val_records((local / "log.json").read_text())]
+    assert steps == list(range(1, metrics["epochs_trained"] + 1))
