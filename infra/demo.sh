@@ -83,13 +83,14 @@ bucket = store.Store.from_env()
 keys = bucket.list_keys("")
 run_ids = sorted({key.split("/")[1] for key in keys if key.startswith("runs/")})
 print(f"\n== artifacts in s3://{bucket.bucket}/ ({len(keys)} objects)")
-folders: dict[str, int] = {}
+folders: dict[str, list[str]] = {}
 for key in keys:
-    parts = key.split("/")
-    folder = "/".join(parts[: 4 if parts[0] == "runs" else 3])
-    folders[folder] = folders.get(folder, 0) + 1
-for folder, count in sorted(folders.items()):
-    print(f"  {folder}/  ({count} objects)")
+    folder, _, name = key.rpartition("/")
+    folders.setdefault(folder, []).append(name)
+for folder, names in sorted(folders.items()):
+    # Image folders hold hundreds of files: list small folders, count big ones.
+    shown = ", ".join(names) if len(names) <= 8 else f"{len(names)} files"
+    print(f"  {folder}/: {shown}")
 bucket.download_prefix("", out / "artifacts")
 print(f"(copied to {out / 'artifacts'}: the embedded server keeps objects in memory only)")
 for run_id in run_ids:

@@ -285,7 +285,7 @@ def _spots(rng: np.random.Generator, lu: np.ndarray, lv: np.ndarray, k: float) -
 def _patches(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:
     """Large irregular patches (a piebald coat), a few per body length."""
     cells = max(2, round(shape[0] / (0.5 * scale)))
-    return np.clip(0.5 + 2.5 * _smooth_noise(rng, shape, cells)[..., 0], 0, 1)
+    return np.clip(0.5 + 6.0 * _smooth_noise(rng, shape, cells)[..., 0], 0, 1)
 
 
 @dataclass
@@ -336,11 +336,11 @@ def _draw_animal(
     else:
         return None
 
-    base, second = _colour_pair(rng, min_contrast=55)
+    base, second = _colour_pair(rng, min_contrast=75)
     if cls == CAT:
         texture = _stripes(rng, lu, lv, k)
     else:
-        texture = _spots(rng, lu, lv, k) if rng.random() < 0.8 else _patches(rng, lu.shape, scale)
+        texture = _spots(rng, lu, lv, k) if rng.random() < 0.85 else _patches(rng, lu.shape, scale)
     fur = base + (second - base) * texture[..., None]
     light = 0.12 * rng.choice([-1.0, 1.0]) * lv / (reach * scale)
     fur *= (1 + light + 0.05 * _smooth_noise(rng, lu.shape, 3)[..., 0])[..., None]
@@ -464,7 +464,7 @@ def _scene_classes(rng: np.random.Generator) -> tuple[int, ...]:
 def _sample(rng: np.random.Generator, size: int, classes: tuple[int, ...]) -> _Sample:
     k = size / REF_SIZE
     image = _background(rng, size, k)
-    for _ in range(int(rng.integers(4, 11))):
+    for _ in range(int(rng.integers(3, 9))):
         _draw_distractor(rng, image, k, max_radius=0.22)
     ids = np.zeros((size, size), np.int16)
     animals: list[_Animal] = []
@@ -560,7 +560,7 @@ def _stems(seed: int, split_index: int, count: int, taken: set[str]) -> list[str
         rng.integers(1, 581930, count), rng.integers(1000, 10000, count), strict=True
     ):
         while (stem := f"{int(image_id):012d}_{int(suffix)}") in taken:
-            suffix = suffix % 9999 + 1
+            suffix = 1000 + (suffix - 999) % 9000  # next 4-digit suffix, wrapping 9999 -> 1000
         taken.add(stem)
         stems.append(stem)
     return stems

@@ -338,10 +338,16 @@ def test_docker_mode_credentials_reach_private_environment_at_run_time(
 # ---------------------------------------------------------------- local runner (real subprocesses)
 
 
-def test_local_runner_runs_a_stage_in_the_workers_environment(
-    s3_env: dict[str, str], tiny_dataset: Path
+def test_local_runner_streams_a_stage_into_the_task_log(
+    s3_env: dict[str, str], tiny_dataset: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
+    from tasks.dataset import content_hash
+
     runners.LocalStageOperator(task_id="validate", command=["validate", str(tiny_dataset)]).execute({})
+    # validate prints the dataset version: the child's output went through the operator's logger.
+    version = content_hash(tiny_dataset)
+    version_lines = [line for line in capfd.readouterr().out.splitlines() if version in line]
+    assert version_lines and all("LocalStageOperator" in line for line in version_lines)
 
 
 def test_local_runner_bad_input_fails_without_retry(s3_env: dict[str, str], tmp_path: Path) -> None:

@@ -1,5 +1,4 @@
-"""Reliability suite: stage processes one can watch, pause and kill; private S3 servers one can stop;
-one pipeline run (twice, same run id) shared by the idempotency, concurrency, ClearML and secret tests.
+"""Helpers of the reliability suite: stage processes one can watch, pause and kill; bucket states.
 
 Faults are real: `moto_server` processes are stopped and started, stage processes get SIGKILL or
 SIGSTOP/SIGCONT. Nothing here stands in for a stage, boto3, ClearML or an Airflow operator.
@@ -12,6 +11,7 @@ import io
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -19,18 +19,12 @@ import threading
 import time
 import zipfile
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
-import structlog.testing
-from test_dag import parse_dag, plan_xcoms, render, run_params, runners  # runners: dags/segpipe_runners
-
 from tasks.store import Store
 
-ROOT = Path(__file__).resolve().parents[2]
 # Known fake credentials: the secret test greps every log and object of the pipeline run for them.
 WORKER_S3_KEY = "FAKEWORKERKEY0RELIAB"
 WORKER_S3_SECRET = "worker-s3-secret-9d41c7e2"
@@ -39,13 +33,12 @@ CONN_S3_SECRET = "conn-s3-secret-5ab83f10"
 CLEARML_ACCESS = "fake-clearml-access-2c7d"
 CLEARML_SECRET = "clearml-secret-e61f0b93"
 SECRETS = (WORKER_S3_SECRET, CONN_S3_SECRET, CLEARML_SECRET)
-PIPELINE_BUCKET = "segpipe-reliability"
 PIPELINE_EXPERIMENTS = ("h1", "exp2")
 CLEARML_DOWN_EXPERIMENT = "h1"  # trains with ClearML online settings pointing at a closed port
 
 
 def offline_env(home: Path) -> dict[str, str]:
-    """The offline hygiene of tests/conftest.py's _offline_env, for processes a session fixture starts."""
+    """tests/conftest.py's _offline_env settings, for processes that session fixtures start."""
     return {
         "HOME": str(home),
         "CLEARML_OFFLINE_MODE": "1",
@@ -79,14 +72,27 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def texts_inside(name: str, data: bytes, depth: int = 0) -> Iterator[tuple[str, bytes]]:
+def members(name: str, data: bytes, depth: int = 0) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of a file and, for zip archives (ClearML sessions, torch checkpoints), of every
     member, recursively: a secret must not hide in a compressed member."""
     yield name, data
     if depth < 3 and data[:4] == b"PK\x03\x04":
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             for member in archive.namelist():
-                yield from texts_inside(f"{name}!{member}", archive.read(member), depth + 1)
+                yield from members(f"{name}!{member}", archive.read(member), depth + 1)
+
+
+def json_without(data: bytes, *keys: str) -> Any:
+    """A JSON document without some (timestamp) keys, at any depth."""
+
+    def strip(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if k not in keys}
+        if isinstance(obj, list):
+            return [strip(v) for v in obj]
+        return obj
+
+    return strip(json.loads(data))
 
 
 class StageProcess:
@@ -150,9 +156,22 @@ class StageProcess:
         return code
 
     def stop(self) -> None:
-        """Kill this stage's process group if it still runs (test cleanup)."""
+        """Kill this stage's process group if it still runs (cleanup after a failed test)."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, 9)
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
 
+@dataclass
+class PipelineRun:
+    """What two runs of the DAG's stage commands (same Airflow run id) left behind."""
+
+    run_id: str
+    xcoms: dict[tuple[str, str], Any]  # what the plan tasks pushed
+    rendered: list[dict[str, Any]]  # the local operators' rendered template fields
+    stage_env: dict[str, str]  # what the local runner hands the stages (credentials included)
+    logs: dict[str, dict[str, str]] = field(default_factory=dict)  # pass -> task -> its log
+    train_times: dict[str, tuple[float, float]] = field(default_factory=dict)  # exp -> (start, end)
+    state: dict[str, dict[str, str]] = field(default_factory=dict)  # pass -> key -> ETag
+    objects: dict[str, bytes] = field(default_factory=dict)  # the bucket after both passes
+    local_files: list[Path] = field(default_factory=list)  # what the stages wrote on the worker

@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
+
+from tasks.store import MARKER, Store, stage_prefix
+
+from .support import (
     CLEARML_DOWN_EXPERIMENT,
     PIPELINE_EXPERIMENTS,
     PipelineRun,
@@ -22,8 +25,6 @@ from conftest import (
     offline_env,
     sha256_bytes,
 )
-
-from tasks.store import MARKER, Store, stage_prefix
 
 RUN_ID = "faults"
 EXPERIMENT = "exp2"
@@ -138,7 +139,9 @@ def test_s3_restart_during_upload_is_retried_and_outputs_are_complete(interrupte
     # (no half-written file, no resume mirror).
     marker = interrupted.marker
     assert marker is not None
-    assert sorted(interrupted.keys) == sorted([f"{prefix}/{rel}" for rel in marker["files"]] + [f"{prefix}/{MARKER}"])
+    assert sorted(interrupted.keys) == sorted(
+        [f"{prefix}/{rel}" for rel in marker["files"]] + [f"{prefix}/{MARKER}"]
+    )
     assert {"best.pth", "config.py", "log.json", "val_metrics.json"} <= set(marker["files"])
     for rel, digest in marker["files"].items():
         assert sha256_bytes((interrupted.outputs / rel).read_bytes()) == digest
@@ -149,7 +152,11 @@ def test_s3_restart_during_upload_is_retried_and_outputs_are_complete(interrupte
 # ---------------------------------------------------------------- the pipeline run twice
 
 # Re-decided on every run (select is not cached by design): same keys, content equal but for times.
-REDECIDED = {"manifest.json": ("started_at", "updated_at", "ended_at", "decided_at"), "winner.json": ("decided_at",)}
+REDECIDED = {
+    "manifest.json": ("started_at", "updated_at", "ended_at", "decided_at"),
+    "winner.json": ("decided_at",),
+}
+PUBLISHED = re.compile(r"tasks\.store INFO (published \d+ files|removing \d+ stale keys)")
 CACHED_LINE = {
     "validate": r"already in s3://\S+ \(cached\)",
     "eda": r"\(cached\)",
@@ -174,7 +181,12 @@ def test_rerun_with_the_same_run_id_is_idempotent(pipeline: PipelineRun) -> None
         assert re.search(pattern, logs[task]), f"{task} did not report its cache:\n{logs[task][-3000:]}"
     for exp in PIPELINE_EXPERIMENTS:
         assert re.search(rf"cached: s3://\S+/eval/{exp} already published", logs["evaluate"])
-    assert all("published" not in line for log in logs.values() for line in log.splitlines() if "INFO" in line)
+
+    def published(logs: dict[str, str]) -> list[str]:
+        return [line for log in logs.values() for line in log.splitlines() if PUBLISHED.search(line)]
+
+    assert published(pipeline.logs["first"]), "the first run's logs do not show its publishes"
+    assert published(logs) == [], "a cached stage published again"
     winner = json.loads(pipeline.objects[f"{run}winner.json"])
     assert winner["promotion"]["reason"] == "the winner already is the production champion"
     production = sorted(key for key in second if key.startswith("models/production/"))
@@ -196,10 +208,16 @@ def test_parallel_trainings_of_one_run_do_not_clobber_each_other(pipeline: Pipel
             assert sha256_bytes(pipeline.objects[f"{prefix}/{rel}"]) == digest, f"{prefix}/{rel}"
         metrics = json.loads(pipeline.objects[f"{prefix}/val_metrics.json"])
         assert metrics["experiment"] == exp
-        assert f"_{'segformer' if exp == 'exp2' else 'deeplabv3plus'}_" in pipeline.objects[f"{prefix}/config.py"].decode()
-        assert json.loads(pipeline.objects[f"{stage_prefix(pipeline.run_id, 'eval', exp)}/test_metrics.json"])[
-            "experiment"
-        ] == exp
+        assert (
+            f"_{'segformer' if exp == 'exp2' else 'deeplabv3plus'}_"
+            in pipeline.objects[f"{prefix}/config.py"].decode()
+        )
+        assert (
+            json.loads(pipeline.objects[f"{stage_prefix(pipeline.run_id, 'eval', exp)}/test_metrics.json"])[
+                "experiment"
+            ]
+            == exp
+        )
 
 
 @pytest.mark.slow
@@ -213,5 +231,9 @@ def test_unreachable_clearml_does_not_stop_training_and_is_reported_once(pipelin
     assert {"best.pth", "val_metrics.json"} <= set(marker["files"])
     assert not any(rel.startswith("clearml/") for rel in marker["files"])  # tracking was off, said once
     # The other training of the same run tracked offline and published its session.
-    other = stage_prefix(pipeline.run_id, "train", next(e for e in PIPELINE_EXPERIMENTS if e != CLEARML_DOWN_EXPERIMENT))
-    assert any(rel.startswith("clearml/") for rel in json.loads(pipeline.objects[f"{other}/{MARKER}"])["files"])
+    other = stage_prefix(
+        pipeline.run_id, "train", next(e for e in PIPELINE_EXPERIMENTS if e != CLEARML_DOWN_EXPERIMENT)
+    )
+    assert any(
+        rel.startswith("clearml/") for rel in json.loads(pipeline.objects[f"{other}/{MARKER}"])["files"]
+    )
