@@ -12,8 +12,9 @@ dataset version is not published). Only train masks change; val and test are nev
 Strategies:
 - yolo_sam2 (the study's method): YOLOv8 boxes of COCO classes 15 (cat) and 16 (dog), each box prompting
   SAM2 for one mask, merged with the original by MERGE_RULE below. Weights are files the user supplies:
-  by default s3://<bucket>/weights/yolov8x.pt and s3://<bucket>/weights/sam2.1_hiera_large.pt
-  (or --yolo-weights / --sam2-checkpoint with a local path or an s3:// URI in the pipeline's bucket).
+  yolov8x.pt and sam2.1_hiera_large.pt baked into the image ($SEGPIPE_WEIGHTS_DIR), else
+  s3://<bucket>/weights/<file> (or --yolo-weights / --sam2-checkpoint with a local path or an s3://
+  URI in the pipeline's bucket).
 - morphology (weights-free), MORPHOLOGY_RULE below: speckles under --tiny-area take their surroundings'
   label, small holes are filled, staircase/jagged outlines are redrawn from their smoothed contour. It
   cannot restore missing objects or missing parts; the report says so.
@@ -49,9 +50,9 @@ RELABELED_DIR = "labels_sam2"
 FOREGROUND = eda.FOREGROUND
 COCO_TO_CLASS = {15: CLASSES.index("cat"), 16: CLASSES.index("dog")}  # COCO ids -> our class ids
 DETECTION_CONF = 0.25  # ultralytics' own default confidence threshold
-# Default locations of the user-supplied weights in the pipeline's bucket (see module docstring).
-YOLO_WEIGHTS_KEY = "weights/yolov8x.pt"
-SAM2_CHECKPOINT_KEY = "weights/sam2.1_hiera_large.pt"
+# The user-supplied weight files, found as tasks.store.fetch_weights says (see module docstring).
+YOLO_WEIGHTS_FILE = "yolov8x.pt"
+SAM2_CHECKPOINT_FILE = "sam2.1_hiera_large.pt"
 SAM2_CONFIG = "configs/sam2.1/sam2.1_hiera_l.yaml"
 MERGE_RULE = (
     "SAM2 masks are painted with their detection's class, most confident detection last (it wins "
@@ -386,28 +387,6 @@ def suspicious_scores(
     }
 
 
-def resolve_weight(spec: str | None, default_key: str, flag: str, st: store.Store) -> tuple[Path, str]:
-    """A weights file as a local path and where it came from; InputError saying where to put it."""
-    filename = Path(default_key).name
-    hint = (
-        f"upload {filename} to {st.uri(default_key)} (e.g. `aws s3 cp {filename} {st.uri(default_key)}`) "
-        f"or pass {flag} with a local path or an s3:// URI in bucket {st.bucket}"
-    )
-    if spec is not None and not spec.startswith("s3://"):
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise InputError(f"{flag} {spec}: weights file not found; {hint}")
-        return path.resolve(), str(path.resolve())
-    key = default_key if spec is None else store.parse_s3_uri(spec, st.bucket)
-    if not st.exists(key):
-        raise InputError(f"weights file {st.uri(key)} not found; {hint}")
-    # Weights are immutable by convention (a new file gets a new key): download once per key.
-    local = store.work_dir() / "weights" / st.bucket / key
-    if not local.is_file():
-        st.download_file(key, local)
-    return local, st.uri(key)
-
-
 def check_sam2_config(name: str) -> str:
     """A config name of the installed sam2 package (found without importing sam2 and torch)."""
     package = Path(importlib.util.find_spec("sam2").origin).parent
@@ -433,12 +412,12 @@ def plan_strategy(args: argparse.Namespace, st: store.Store) -> tuple[Plan, Call
     if args.strategy == "morphology":
         return Plan("morphology", "requested", {}), morphology
     problems, resolved = [], {}
-    for name, spec, key, flag in (
-        ("yolo", args.yolo_weights, YOLO_WEIGHTS_KEY, "--yolo-weights"),
-        ("sam2", args.sam2_checkpoint, SAM2_CHECKPOINT_KEY, "--sam2-checkpoint"),
+    for name, spec, filename, flag in (
+        ("yolo", args.yolo_weights, YOLO_WEIGHTS_FILE, "--yolo-weights"),
+        ("sam2", args.sam2_checkpoint, SAM2_CHECKPOINT_FILE, "--sam2-checkpoint"),
     ):
         try:
-            resolved[name] = resolve_weight(spec, key, flag, st)
+            resolved[name] = store.fetch_weights(st, spec, filename, flag)
         except InputError as err:
             problems += err.problems
     try:
@@ -502,11 +481,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"speckles under this many px are dropped (default {eda.TINY_AREA})",
     )
     parser.add_argument(
-        "--yolo-weights", help=f"yolov8x.pt: local path or s3:// (default s3://<bucket>/{YOLO_WEIGHTS_KEY})"
+        "--yolo-weights",
+        help=f"{YOLO_WEIGHTS_FILE}: local path or s3:// (default $SEGPIPE_WEIGHTS_DIR/{YOLO_WEIGHTS_FILE}, "
+        f"else s3://<bucket>/{store.weights_key(YOLO_WEIGHTS_FILE)})",
     )
     parser.add_argument(
         "--sam2-checkpoint",
-        help=f"SAM2 checkpoint: local path or s3:// (default s3://<bucket>/{SAM2_CHECKPOINT_KEY})",
+        help=f"SAM2 checkpoint: local path or s3:// (default $SEGPIPE_WEIGHTS_DIR/{SAM2_CHECKPOINT_FILE}, "
+        f"else s3://<bucket>/{store.weights_key(SAM2_CHECKPOINT_FILE)})",
     )
     parser.add_argument(
         "--sam2-config", default=SAM2_CONFIG, help=f"sam2 package config name (default {SAM2_CONFIG})"

@@ -301,7 +301,7 @@ def restore_mirror(store: Store, prefix: str, inputs: dict, local_work: Path) ->
 
 def _scalar_logs(work: Path) -> list[Path]:
     # one <timestamp>/vis_data/<timestamp>.json per attempt (scalars.json duplicates it); timestamps sort
-    return sorted(p for p in work.glob("*/vis_data/*.json") if p.name not in ("scalars.json",))
+    return sorted(p for p in work.glob("*/vis_data/*.json") if p.name != "scalars.json")
 
 
 def metrics_from_flat(flat: dict[str, float | None], classes: tuple[str, ...]) -> dict:

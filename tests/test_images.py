@@ -208,7 +208,7 @@ def test_trainer_runtime_copies_what_tasks_need() -> None:
 
 
 def _relabel_constants() -> dict[str, str]:
-    """tasks.relabel's default weight keys, read from its source (no heavy import)."""
+    """tasks.relabel's weight file names, read from its source (no heavy import)."""
     tree = ast.parse((ROOT / "tasks" / "relabel.py").read_text())
     return {
         node.targets[0].id: node.value.value
@@ -244,10 +244,10 @@ def test_relabel_bakes_weights_where_tasks_relabel_names_them() -> None:
         assert args[url_arg] == '""', f"{url_arg} must default to empty: weights from the store at run time"
     fetch = next(run for run in relabel.args("RUN") if "fetch-weights.sh" in run)
     for key, url_arg in (
-        ("YOLO_WEIGHTS_KEY", "YOLO_WEIGHTS_URL"),
-        ("SAM2_CHECKPOINT_KEY", "SAM2_WEIGHTS_URL"),
+        ("YOLO_WEIGHTS_FILE", "YOLO_WEIGHTS_URL"),
+        ("SAM2_CHECKPOINT_FILE", "SAM2_WEIGHTS_URL"),
     ):
-        filename = Path(constants[key]).name
+        filename = constants[key]
         assert re.search(rf'"\${url_arg}" "\$\w+" "\$SEGPIPE_WEIGHTS_DIR/{re.escape(filename)}"', fetch), (
             filename
         )

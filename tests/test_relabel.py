@@ -296,16 +296,6 @@ def test_missing_weights_name_the_file_and_where_to_put_it(
     assert not Store.from_env().exists(f"{stage_prefix('r4', 'relabel')}/_SUCCESS")
 
 
-def test_weights_resolve_from_the_bucket(tmp_path: Path, s3_env: dict[str, str]) -> None:
-    st = Store.from_env()
-    st.put_bytes("weights/yolov8x.pt", b"weights bytes")
-    local, source = relabel.resolve_weight(None, relabel.YOLO_WEIGHTS_KEY, "--yolo-weights", st)
-    assert local.read_bytes() == b"weights bytes" and source == st.uri("weights/yolov8x.pt")
-    other = tmp_path / "mine.pt"
-    other.write_bytes(b"x")
-    assert relabel.resolve_weight(str(other), relabel.YOLO_WEIGHTS_KEY, "--yolo-weights", st)[0] == other
-
-
 def test_ultralytics_is_kept_offline() -> None:
     relabel.prepare_ultralytics_offline()
     from ultralytics import settings

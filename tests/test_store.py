@@ -16,7 +16,7 @@ from boto3.s3.transfer import TransferConfig
 from tasks import store as st
 from tasks.dataset import content_hash
 from tasks.errors import InputError
-from tasks.store import ChecksumMismatch, RetryPolicy, Store
+from tasks.store import ChecksumMismatch, RetryPolicy, Store, fetch_weights, weights_key
 
 MB = 1024 * 1024
 
@@ -356,3 +356,24 @@ def test_update_manifest_merges(store: Store, monkeypatch) -> None:
     assert store.get_json(st.manifest_key("r5")) == second
     assert not any("secret" in key.lower() or "key_id" in key.lower() for key in second)
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in store.get_text(st.manifest_key("r5"))
+
+
+def test_weights_resolve_from_baked_dir_flag_or_bucket(
+    tmp_path: Path, s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = Store.from_env()
+    with pytest.raises(InputError, match=r"weights/yolov8x\.pt not found.*upload yolov8x\.pt"):
+        fetch_weights(st, None, "yolov8x.pt", "--yolo-weights")
+    st.put_bytes(weights_key("yolov8x.pt"), b"from the bucket")
+    local, source = fetch_weights(st, None, "yolov8x.pt", "--yolo-weights")
+    assert local.read_bytes() == b"from the bucket" and source == st.uri("weights/yolov8x.pt")
+    baked = tmp_path / "baked"
+    baked.mkdir()
+    (baked / "yolov8x.pt").write_bytes(b"baked into the image")
+    monkeypatch.setenv("SEGPIPE_WEIGHTS_DIR", str(baked))
+    assert fetch_weights(st, None, "yolov8x.pt", "--yolo-weights")[0] == baked / "yolov8x.pt"
+    mine = tmp_path / "mine.pt"
+    mine.write_bytes(b"x")
+    assert fetch_weights(st, str(mine), "yolov8x.pt", "--yolo-weights")[0] == mine
+    with pytest.raises(InputError, match="--yolo-weights /nonexistent.pt: weights file not found"):
+        fetch_weights(st, "/nonexistent.pt", "yolov8x.pt", "--yolo-weights")
