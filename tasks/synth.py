@@ -273,7 +273,7 @@ def _spots(rng: np.random.Generator, lu: np.ndarray, lv: np.ndarray, k: float) -
     iu -= iu.min()
     iv -= iv.min()
     shape = (iu.max() + 1, iv.max() + 1)
-    radius = rng.uniform(0.25, 0.4, shape) * cell * (rng.random(shape) > 0.2)
+    radius = rng.uniform(0.28, 0.42, shape) * cell * (rng.random(shape) > 0.1)
     slack = np.maximum(cell / 2 - radius - 0.5, 0)
     jitter = rng.uniform(-1, 1, (2, *shape)) * slack
     cu = (np.floor(lu / cell) + 0.5) * cell + jitter[0][iu, iv]
@@ -364,7 +364,7 @@ def _background(rng: np.random.Generator, size: int, k: float) -> np.ndarray:
     image = first + (second - first) * t[..., None]
     image += rng.uniform(15, 45) * _smooth_noise(rng, (size, size), int(rng.integers(3, 8)), 3)
     grain_cells = max(4, round(size / (rng.uniform(5, 12) * k)))
-    image += rng.uniform(4, 18) * _smooth_noise(rng, (size, size), grain_cells, 1)
+    image += rng.uniform(3, 10) * _smooth_noise(rng, (size, size), grain_cells, 1)
     return image
 
 

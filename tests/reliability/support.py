@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,13 +26,14 @@ from typing import Any
 
 from tasks.store import Store
 
-# Known fake credentials: the secret test greps every log and object of the pipeline run for them.
+# Fake credentials, made at run time: the secret test greps every log and artifact of the pipeline run
+# for them, and values that no source file holds can only get there through the environment.
 WORKER_S3_KEY = "FAKEWORKERKEY0RELIAB"
-WORKER_S3_SECRET = "worker-s3-secret-9d41c7e2"
+WORKER_S3_SECRET = f"worker-s3-secret-{uuid.uuid4().hex}"
 CONN_S3_KEY = "FAKECONNKEY0RELIAB"
-CONN_S3_SECRET = "conn-s3-secret-5ab83f10"
+CONN_S3_SECRET = f"conn-s3-secret-{uuid.uuid4().hex}"
 CLEARML_ACCESS = "fake-clearml-access-2c7d"
-CLEARML_SECRET = "clearml-secret-e61f0b93"
+CLEARML_SECRET = f"clearml-secret-{uuid.uuid4().hex}"
 SECRETS = (WORKER_S3_SECRET, CONN_S3_SECRET, CLEARML_SECRET)
 PIPELINE_EXPERIMENTS = ("h1", "exp2")
 CLEARML_DOWN_EXPERIMENT = "h1"  # trains with ClearML online settings pointing at a closed port

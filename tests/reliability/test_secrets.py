@@ -19,6 +19,19 @@ from .support import (
     members,
 )
 
+# Every kind of artifact the promise names: manifests, reports, configs, markers, ClearML sessions.
+SEARCHED = (
+    r"/manifest\.json$",
+    r"/eda/report\.json$",
+    r"/relabel/report\.json$",
+    r"/config\.py$",
+    r"/_SUCCESS$",
+    r"/clearml/.*\.zip$",
+    r"/best\.pth$",
+    r"/winner\.json$",
+    r"/report\.md$",
+)
+
 
 def leaks(name: str, data: bytes) -> list[str]:
     return [
@@ -53,8 +66,7 @@ def test_no_secret_in_logs_xcoms_templates_store_or_worker_files(pipeline: Pipel
 
     # What was searched: every kind of artifact the promise names is there (the search is not empty).
     keys = list(pipeline.objects)
-    for pattern in (r"/manifest\.json$", r"/eda/report\.json$", r"/relabel/report\.json$", r"/config\.py$",
-                    r"/_SUCCESS$", r"/clearml/.*\.zip$", r"/best\.pth$", r"/winner\.json$", r"/report\.md$"):  # fmt: skip
+    for pattern in SEARCHED:
         assert any(re.search(pattern, key) for key in keys), pattern
     zipped = [part for key in keys if key.endswith(".zip") for part, _ in members(key, pipeline.objects[key])]
     assert any(part.endswith("!log.jsonl") for part in zipped)  # ClearML's copy of the console output
