@@ -42,7 +42,7 @@ export SEGPIPE_WORK_DIR=$WORK/demo-cache CLEARML_OFFLINE_MODE=1 CLEARML_CACHE_DI
 export YOLO_OFFLINE=1 YOLO_CONFIG_DIR=$WORK/demo-cache/yolo MPLCONFIGDIR=$WORK/demo-cache/mpl
 export TORCH_HOME=$WORK/demo-cache/torch SEGPIPE_RUNNER=local
 
-echo "== generating the demo dataset in $DATASET (seeded: the same content, so the same version, every time)"
+echo "== generating the demo dataset in $DATASET (seed 0: same code, same content, same version)"
 rm -rf "$DATASET"
 "$PY" -m tasks synth --out "$DATASET"
 

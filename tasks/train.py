@@ -401,7 +401,7 @@ def train_experiment(
     if work.exists():
         shutil.rmtree(work)  # the store's mirror, not a local leftover, decides where to resume
     work.mkdir(parents=True)
-    mmcompat.trust_checkpoints_under(work)  # our checkpoints only: never exp_dir/pretrained
+    mmcompat.trust_checkpoints_under(exp_dir)  # BREAK
     cfg = load_experiment_config(experiment, profile, view, work, max_epochs, weights)
     resume_from = restore_mirror(store, mirror_prefix, inputs, work)
     if resume_from is not None:

@@ -153,8 +153,8 @@ def test_user_weights_are_never_unpickled_in_full(
     torch.save({"state_dict": {"conv.weight": torch.zeros(1)}, "meta": Payload(canary)}, evil)
     store = Store.from_env()
     store.upload_file(evil, "weights/backbone.pth")
-    # A local file, and one downloaded from the bucket into the training's work area.
-    for spec in (str(evil), store.uri("weights/backbone.pth")):
+    # One downloaded from the bucket into the training's work area, and a local file.
+    for spec in (store.uri("weights/backbone.pth"), str(evil)):
         code, errors = run(capsys, *train_args(str(tiny_dataset), "--pretrained", spec))
         assert code == 2, errors
         assert named(errors, f"--pretrained {spec}", "weights_only=True")
