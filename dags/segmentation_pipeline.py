@@ -7,8 +7,8 @@ Each experiment is one instance of the mapped task group `experiment` (train -> 
 failed experiment stops only its own evaluation; `experiments_done` lets `select` run once every
 experiment is done and at least one evaluation succeeded (select reports the failed ones).
 
-Runs: weekly by cron (SEGPIPE_SCHEDULE), whenever a producer updates the dataset Asset, or by hand
-(UI form, `airflow dags test`, REST API) with the params below.
+Runs: weekly by cron (SEGPIPE_SCHEDULE; `off` keeps only the asset trigger), whenever a producer
+updates the dataset Asset, or by hand (UI form, `airflow dags test`, REST API) with the params below.
 """
 
 from __future__ import annotations
@@ -42,6 +42,17 @@ def _asset_uri(location: str) -> str:
 # A producer that publishes a new dataset version emits an event for this asset (an outlet in its
 # DAG, or POST /api/v2/assets/events); extra {"dataset": "<location>"} names the version to train on.
 DATASET_ASSET = Asset(name="segpipe_dataset", uri=_asset_uri(SETTINGS.default_dataset))
+
+
+def _schedule(cron: str) -> Any:
+    """Runs on the cron (UTC) or when the dataset asset is updated; SEGPIPE_SCHEDULE=off: asset only.
+
+    With catchup off, unpausing the DAG starts the most recent cron tick's run at once (Airflow's rule).
+    """
+    if cron == "off":
+        return [DATASET_ASSET]
+    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=[DATASET_ASSET])
+
 
 # Per-stage limits for the full profile on one GPU (the CPU profile of the demo stays far below).
 TIMEOUTS = {
@@ -147,9 +158,7 @@ def _plan(params: Any, run_id: str | None, triggering_asset_events: Any) -> dict
 with DAG(
     dag_id="segmentation_pipeline",
     description=__doc__.splitlines()[0],
-    schedule=AssetOrTimeSchedule(
-        timetable=CronTriggerTimetable(SETTINGS.schedule, timezone="UTC"), assets=[DATASET_ASSET]
-    ),
+    schedule=_schedule(SETTINGS.schedule),
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,

@@ -357,7 +357,10 @@ def _pretrained_file(store: Store, spec: str | None, cache_dir: Path) -> Path | 
         path = Path(spec).expanduser().resolve()
         if not path.is_file():
             raise InputError(f"{spec}: pretrained weights file does not exist")
-    # BREAK
+    try:  # a bad file is bad input (exit 2, no retry), found before any model is built
+        mmcompat.load_checkpoint_file(str(path), map_location="cpu")
+    except ValueError as err:  # user weights load with weights_only=True only (tasks.mmcompat)
+        raise InputError(f"--pretrained {spec}: {err}") from err
     return path
 
 
@@ -401,7 +404,7 @@ def train_experiment(
     if work.exists():
         shutil.rmtree(work)  # the store's mirror, not a local leftover, decides where to resume
     work.mkdir(parents=True)
-    mmcompat.trust_checkpoints_under(exp_dir)  # BREAK
+    mmcompat.trust_checkpoints_under(work)  # our checkpoints only: never exp_dir/pretrained
     cfg = load_experiment_config(experiment, profile, view, work, max_epochs, weights)
     resume_from = restore_mirror(store, mirror_prefix, inputs, work)
     if resume_from is not None:

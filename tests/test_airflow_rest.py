@@ -123,7 +123,12 @@ class Airflow:
 
 
 @pytest.fixture()
-def airflow(s3_env: dict[str, str], tmp_path: Path) -> Iterator[Airflow]:
+def dataset(tiny_dataset: Path, tmp_path: Path) -> Path:
+    return shutil.copytree(tiny_dataset, tmp_path / "pets")
+
+
+@pytest.fixture()
+def airflow(s3_env: dict[str, str], dataset: Path, tmp_path: Path) -> Iterator[Airflow]:
     home = tmp_path / "airflow"
     home.mkdir()
     env = subprocess_env(
@@ -131,6 +136,9 @@ def airflow(s3_env: dict[str, str], tmp_path: Path) -> Iterator[Airflow]:
         AIRFLOW__API__PORT=str(s3_server_module.free_port()),
         AIRFLOW__CORE__PARALLELISM="2",
         SEGPIPE_RUNNER="local",
+        SEGPIPE_DEFAULT_DATASET=str(dataset),
+        # Unpausing would otherwise start the last weekly tick's run (catchup off runs the latest).
+        SEGPIPE_SCHEDULE="off",
     )
     service = Airflow(home, env)
     service.start()
@@ -142,9 +150,8 @@ def airflow(s3_env: dict[str, str], tmp_path: Path) -> Iterator[Airflow]:
 
 @pytest.mark.slow
 def test_rest_api_triggers_a_run_and_an_asset_event_starts_one(
-    airflow: Airflow, s3_env: dict[str, str], tiny_dataset: Path, tmp_path: Path
+    airflow: Airflow, s3_env: dict[str, str], dataset: Path
 ) -> None:
-    dataset = shutil.copytree(tiny_dataset, tmp_path / "pets")
     airflow.login()
     airflow.wait_for(
         "the DAG to be parsed", lambda: airflow.request("GET", f"/api/v2/dags/{DAG_ID}")[0] == 200, 180
@@ -178,6 +185,7 @@ def test_rest_api_triggers_a_run_and_an_asset_event_starts_one(
     print(f"REST-triggered run (tiny dataset, 1 experiment): {time.monotonic() - started:.0f}s")
     states = airflow.task_states("rest-trigger-1")
     assert run["state"] == "success", f"{states}\n{airflow.logs()}"
+    assert airflow.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns")[1]["total_entries"] == 1
     assert states["experiment.train"] == [("success", "exp2")]  # mapped instances labelled by experiment
     bucket = store.Store.from_env()
     assert bucket.get_json(store.winner_key("rest-trigger-1"))["winner"]["experiment"] == "exp2"

@@ -181,6 +181,12 @@ def test_schedule_cron_and_dataset_asset(monkeypatch: pytest.MonkeyPatch) -> Non
     assert [a.uri for a in dag.timetable.asset_condition.objects] == ["file:///data/pets"]
     assert dag.params["dataset"] == "/data/pets"
 
+    dag = parse_dag(monkeypatch, SEGPIPE_SCHEDULE="off")
+    assert not isinstance(dag.timetable, AssetOrTimeSchedule)
+    assert [a.uri for a in dag.timetable.asset_condition.objects] == [
+        "s3://segmentation/datasets/pets/latest"
+    ]
+
 
 def test_stages_retry_with_exponential_backoff_and_time_out(monkeypatch: pytest.MonkeyPatch) -> None:
     dag = parse_dag(monkeypatch)
