@@ -24,6 +24,9 @@ export SEGPIPE_RUNNER=${SEGPIPE_RUNNER:-local}
 # What a run without conf (and the dataset Asset) uses: the dataset `make demo` generates.
 export SEGPIPE_DEFAULT_DATASET=${SEGPIPE_DEFAULT_DATASET:-$_segpipe_root/.work/demo-dataset}
 export SEGPIPE_DEFAULT_PROFILE=${SEGPIPE_DEFAULT_PROFILE:-cpu}
+# No weekly cron on a workstation (unpausing would start last week's run at once): manual runs and
+# dataset-asset events only. Set SEGPIPE_SCHEDULE to a cron expression to have it.
+export SEGPIPE_SCHEDULE=${SEGPIPE_SCHEDULE:-off}
 export PATH=$_segpipe_root/.venv/bin:$PATH
 
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then  # executed, not sourced: run airflow with these settings

@@ -18,6 +18,7 @@ import logging
 import numbers
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -89,16 +90,34 @@ def _init_task(run_id: str, stage: str, experiment: str | None, offline: bool) -
 
     config_obj.set_overrides(_sdk_overrides(offline))
     Task.set_offline(offline)
-    return Task.init(
-        project_name=f"{PROJECT_ROOT}/{run_id}",
-        task_name=stage if experiment is None else f"{stage}/{experiment}",
-        task_type=TASK_TYPES.get(stage, "data_processing"),
-        reuse_last_task_id=False,
-        output_uri=None if offline else output_uri(run_id),
-        # We report explicitly; automatic framework hooks would upload every torch.save a second time.
-        auto_connect_frameworks=False,
-        auto_resource_monitoring=not offline,
-    )
+    # urllib3 logs one warning per retry of ClearML's login; when the server is down, the single
+    # warning of open_task says it instead. Only this thread's records are held back, only meanwhile.
+    quiet = _OtherThreadsOnly()
+    logging.getLogger("urllib3.connectionpool").addFilter(quiet)
+    try:
+        return Task.init(
+            project_name=f"{PROJECT_ROOT}/{run_id}",
+            task_name=stage if experiment is None else f"{stage}/{experiment}",
+            task_type=TASK_TYPES.get(stage, "data_processing"),
+            reuse_last_task_id=False,
+            output_uri=None if offline else output_uri(run_id),
+            # We report explicitly; automatic framework hooks would upload every torch.save a second time.
+            auto_connect_frameworks=False,
+            auto_resource_monitoring=not offline,
+        )
+    finally:
+        logging.getLogger("urllib3.connectionpool").removeFilter(quiet)
+
+
+class _OtherThreadsOnly(logging.Filter):
+    """Lets through the records of every thread but the one that created it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread != self.thread
 
 
 def _plain(obj: Any) -> Any:

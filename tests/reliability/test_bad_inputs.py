@@ -4,7 +4,10 @@ is left exactly as it was (same keys, same ETags). Per-defect validator messages
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -119,11 +122,14 @@ def test_weights_that_are_not_checkpoints_are_refused_naming_the_file(
     yolo, sam2 = tmp_path / "yolov8x.pt", tmp_path / "sam2.1_hiera_large.pt"
     yolo.write_bytes(b"this is not a checkpoint")
     sam2.write_bytes(b"PK\x03\x04 truncated zip")
-    code, errors = run(
-        capsys, "relabel", "--run-id", "r1", "--dataset", str(tiny_dataset), "--strategy", "yolo_sam2",
-        "--yolo-weights", str(yolo), "--sam2-checkpoint", str(sam2),
+    # Its own process: ultralytics replaces PIL.Image.open process-wide when imported.
+    relabel = subprocess.run(
+        [sys.executable, "-m", "tasks", "relabel", "--run-id", "r1", "--dataset", str(tiny_dataset),
+         "--strategy", "yolo_sam2", "--yolo-weights", str(yolo), "--sam2-checkpoint", str(sam2)],
+        env={**os.environ}, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
     )  # fmt: skip
-    assert code == 2, errors
+    errors = [line for line in relabel.stderr.splitlines() if line.startswith("error: ")]
+    assert relabel.returncode == 2, relabel.stderr[-3000:]
     assert named(errors, "--yolo-weights", str(yolo), "not a loadable checkpoint")
     assert named(errors, "--sam2-checkpoint", str(sam2), "not a loadable checkpoint")
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -220,6 +221,9 @@ def test_unreachable_clearml_does_not_stop_training_and_is_reported_once(pipelin
     warnings = [line for line in log.splitlines() if "tasks.tracking WARNING" in line]
     assert len(warnings) == 1 and "ClearML unavailable" in warnings[0], warnings
     assert "the stage goes on without tracking" in warnings[0]
+    port = urlsplit(pipeline.stage_env["CLEARML_API_HOST"]).port
+    about_server = [line for line in log.splitlines() if f"port={port}" in line]
+    assert about_server == warnings, "the unreachable server is reported more than once"
     prefix = stage_prefix(pipeline.run_id, "train", CLEARML_DOWN_EXPERIMENT)
     marker = json.loads(pipeline.objects[f"{prefix}/{MARKER}"])
     assert {"best.pth", "val_metrics.json"} <= set(marker["files"])
