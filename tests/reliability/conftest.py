@@ -15,7 +15,7 @@ import pytest
 import structlog.testing
 from test_dag import parse_dag, plan_xcoms, render, run_params, runners  # runners: dags/segpipe_runners
 
-from tasks.store import Store
+from tasks.store import Store, manifest_key, report_key, winner_key
 
 from .support import (
     CLEARML_ACCESS,
@@ -139,6 +139,8 @@ def pipeline(s3_server: Any, tiny_dataset: Path, tmp_path_factory: pytest.TempPa
             for name in ("first", "second"):
                 run.logs[name] = _run_pass(run)
                 run.state[name] = bucket_state(store)
+                keys = (manifest_key(run.run_id), winner_key(run.run_id), report_key(run.run_id))
+                run.documents[name] = {key: store.get_bytes(key) for key in keys}
             run.objects = bucket_objects(store)
         run.local_files = sorted(path for path in (base / "home").rglob("*") if path.is_file())
     finally:

@@ -175,5 +175,6 @@ class PipelineRun:
     logs: dict[str, dict[str, str]] = field(default_factory=dict)  # pass -> task -> its log
     train_times: dict[str, tuple[float, float]] = field(default_factory=dict)  # exp -> (start, end)
     state: dict[str, dict[str, str]] = field(default_factory=dict)  # pass -> key -> ETag
+    documents: dict[str, dict[str, bytes]] = field(default_factory=dict)  # pass -> run-level docs
     objects: dict[str, bytes] = field(default_factory=dict)  # the bucket after both passes
     local_files: list[Path] = field(default_factory=list)  # what the stages wrote on the worker

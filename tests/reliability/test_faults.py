@@ -1,13 +1,12 @@
-"""Faults injected for real: a training SIGKILLed mid-run, the S3 server stopped and restarted while a
-stage uploads, the pipeline re-run with the same run id, two trainings at once, ClearML unreachable."""
+"""Faults injected for real: the S3 server stopped and restarted while a stage uploads, the pipeline
+re-run with the same run id, two trainings at once, ClearML unreachable. A training SIGKILLed mid-run
+and resumed: tests/test_train.py::test_killed_training_resumes_at_the_next_epoch."""
 
 from __future__ import annotations
 
 import json
 import re
 import signal
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,133 +28,70 @@ from .support import (
 
 RUN_ID = "faults"
 EXPERIMENT = "exp2"
-TRAIN = ["train", "--experiment", EXPERIMENT, "--run-id", RUN_ID, "--profile", "cpu", "--max-epochs", "2"]
-EPOCH_LINE = r"Epoch\(train\)\s*\[{}\]"
+RETRY_LINE = r"failed \(.*\); retry \d+/"  # tasks.store's warning before it retries an operation
 
 
-@dataclass
-class Interrupted:
-    """One training killed after epoch 1, then its retry, whose upload hits a stopped S3 server."""
-
-    mirror_after_kill: dict
-    marker_after_kill: dict | None
-    killed_output: str
-    retry_output: str
-    retry_code: int
-    keys: list[str]  # under the train prefix, after the retry
-    marker: dict | None
-    outputs: Path | None  # the published outputs, fetched (sha256-verified)
-
-
-@pytest.fixture(scope="module")
-def interrupted(
-    s3_server: Any, tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Interrupted]:
-    base = tmp_path_factory.mktemp("interrupted")
-    server = type(s3_server)(base / "moto.log")  # private: stopping it touches no other test's bucket
+@pytest.mark.slow
+def test_s3_restart_during_upload_is_retried_and_outputs_are_complete(
+    s3_server: Any, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """The S3 server stops while a training runs and is down when the stage uploads; it comes back
+    on the same port within the store's retry window and the stage finishes by itself."""
+    server = type(s3_server)(tmp_path / "moto.log")  # private: stopping it touches no other bucket
     server.start()
-    bucket = "faults"
-    env = {**offline_env(base / "home"), **server.env(bucket)}
-    command = [*TRAIN, "--dataset", str(tiny_dataset)]
+    env = {**offline_env(tmp_path / "home"), **server.env("faults")}
     prefix = stage_prefix(RUN_ID, "train", EXPERIMENT)
-    processes: list[StageProcess] = []
+    command = ["train", "--experiment", EXPERIMENT, "--run-id", RUN_ID, "--dataset", str(tiny_dataset)]
+    training = None
     try:
-        server.create_bucket(bucket)
+        server.create_bucket("faults")
         with pytest.MonkeyPatch.context() as mp:
             for name, value in env.items():
                 mp.setenv(name, value)
             store = Store.from_env()
-
-            # 1. SIGKILL right after epoch 1 was validated and mirrored to the store.
-            killed = StageProcess(command, env)
-            processes.append(killed)
-            killed.wait_for(r"mirrored epoch 1 ")
-            killed.signal(signal.SIGKILL)
-            killed.finish()
-            mirror = store.get_json(f"{prefix}/work/mirror.json")
-            marker_after_kill = store.marker(prefix)
-
-            # 2. The retry. Once it resumed (epoch 2 trains without touching S3), the server stops.
-            retry = StageProcess(command, env)
-            processes.append(retry)
-            retry.wait_for(r"resumed epoch: 1")
-            retry.signal(signal.SIGSTOP)  # hold it while the bucket is saved and the server stopped
+            training = StageProcess([*command, "--profile", "cpu", "--max-epochs", "2"], env)
+            # Epoch 1 is mirrored; epoch 2 trains without touching S3: the server goes down meanwhile.
+            training.wait_for(r"mirrored epoch 1 ")
+            training.signal(signal.SIGSTOP)  # held while the bucket is saved and the server stopped
             saved = bucket_objects(store)
             server.stop()
-            retry.signal(signal.SIGCONT)
-            # Epoch 2's mirror upload meets the closed port; the store logs its first retry.
-            retry.wait_for(r"failed \(.*\); retry 1/")
-            retry.signal(signal.SIGSTOP)
-            server.start()  # same port, within the store's retry window
-            # moto keeps objects in memory: put back what a durable server (MinIO) would still hold.
-            server.create_bucket(bucket)
+            training.signal(signal.SIGCONT)
+            training.wait_for(RETRY_LINE)  # epoch 2's upload met the closed port
+            training.signal(signal.SIGSTOP)
+            server.start()  # same port
+            # moto keeps objects in memory: put back what a durable server (MinIO) still holds.
+            server.create_bucket("faults")
             for key, data in saved.items():
                 store.put_bytes(key, data)
-            retry.signal(signal.SIGCONT)
-            code = retry.finish()
+            training.signal(signal.SIGCONT)
+            code = training.finish()
+            out = training.output
+            assert code == 0, out[-4000:]
+            retries = [line for line in out.splitlines() if re.search(RETRY_LINE, line)]
+            assert retries and all(prefix in line for line in retries), retries
+            # Published; every file it lists is there with its sha256 (fetch verifies each one); no
+            # other key is left under the prefix (no half-written file, no resume mirror).
             marker = store.marker(prefix)
-            outputs = store.fetch(prefix, base / "fetched") if marker else None
-            yield Interrupted(
-                mirror_after_kill=mirror,
-                marker_after_kill=marker_after_kill,
-                killed_output=killed.output,
-                retry_output=retry.output,
-                retry_code=code,
-                keys=store.list_keys(prefix),
-                marker=marker,
-                outputs=outputs,
-            )
+            assert marker is not None
+            listed = [f"{prefix}/{rel}" for rel in marker["files"]]
+            assert sorted(store.list_keys(prefix)) == sorted([*listed, f"{prefix}/{MARKER}"])
+            assert {"best.pth", "config.py", "log.json", "val_metrics.json"} <= set(marker["files"])
+            outputs = store.fetch(prefix, tmp_path / "fetched")
+            metrics = json.loads((outputs / "val_metrics.json").read_text())
+            assert metrics["epochs_trained"] == 2 and metrics["best_epoch"] in (1, 2)
     finally:
-        for process in processes:
-            process.stop()
+        if training is not None:
+            training.stop()
         server.stop()
-
-
-@pytest.mark.slow
-def test_killed_training_resumes_from_its_last_checkpoint(interrupted: Interrupted) -> None:
-    # The kill left a mirror of epoch 1 and no published outputs.
-    assert interrupted.marker_after_kill is None
-    assert interrupted.mirror_after_kill["epoch"] == 1
-    assert interrupted.mirror_after_kill["checkpoint"] == "epoch_1.pth"
-    assert not re.search(EPOCH_LINE.format(2), interrupted.killed_output)
-    out = interrupted.retry_output
-    assert interrupted.retry_code == 0, out[-4000:]
-    # The retry downloaded the mirror, resumed after epoch 1 and trained epoch 2 only.
-    assert "downloaded the mirror of epoch 1" in out
-    assert "resumed epoch: 1" in out
-    assert not re.search(EPOCH_LINE.format(1), out), "the retry trained epoch 1 again"
-    assert re.search(EPOCH_LINE.format(2), out)
-    metrics = json.loads((interrupted.outputs / "val_metrics.json").read_text())
-    assert metrics["epochs_trained"] == 2 and metrics["experiment"] == EXPERIMENT
-
-
-@pytest.mark.slow
-def test_s3_restart_during_upload_is_retried_and_outputs_are_complete(interrupted: Interrupted) -> None:
-    out = interrupted.retry_output
-    assert interrupted.retry_code == 0, out[-4000:]
-    prefix = stage_prefix(RUN_ID, "train", EXPERIMENT)
-    retries = [line for line in out.splitlines() if re.search(r"failed \(.*\); retry \d+/", line)]
-    assert retries and all(prefix in line for line in retries), retries
-    # Published, every listed file present with its sha256 (fetch verifies), nothing else left over
-    # (no half-written file, no resume mirror).
-    marker = interrupted.marker
-    assert marker is not None
-    assert sorted(interrupted.keys) == sorted(
-        [f"{prefix}/{rel}" for rel in marker["files"]] + [f"{prefix}/{MARKER}"]
-    )
-    assert {"best.pth", "config.py", "log.json", "val_metrics.json"} <= set(marker["files"])
-    for rel, digest in marker["files"].items():
-        assert sha256_bytes((interrupted.outputs / rel).read_bytes()) == digest
-    metrics = json.loads((interrupted.outputs / "val_metrics.json").read_text())
-    assert metrics["epochs_trained"] == 2 and metrics["best_epoch"] in (1, 2)
 
 
 # ---------------------------------------------------------------- the pipeline run twice
 
-# Re-decided on every run (select is not cached by design): same keys, content equal but for times.
+# select decides again on every run (it is not cached): the same keys, the same content but for its
+# times and its decision (the first run promotes; the re-run finds that model already in production).
 REDECIDED = {
-    "manifest.json": ("started_at", "updated_at", "ended_at", "decided_at"),
-    "winner.json": ("decided_at",),
+    "manifest.json": ("started_at", "updated_at", "ended_at", "decision"),
+    "winner.json": ("decided_at", "promotion"),
 }
 PUBLISHED = re.compile(r"tasks\.store INFO (published \d+ files|removing \d+ stale keys)")
 CACHED_LINE = {
@@ -174,8 +110,9 @@ def test_rerun_with_the_same_run_id_is_idempotent(pipeline: PipelineRun) -> None
     changed = sorted(key for key in first if first[key] != second[key])
     redecided = {f"{run}{name}" for name in REDECIDED} | {f"{run}report.md"}
     assert set(changed) <= redecided, f"re-run rewrote {changed}"
-    for name, times in REDECIDED.items():
-        assert json_without(pipeline.objects[f"{run}{name}"], *times)["run_id"] == pipeline.run_id
+    for name, volatile in REDECIDED.items():
+        before, after = (pipeline.documents[run_pass][f"{run}{name}"] for run_pass in ("first", "second"))
+        assert json_without(before, *volatile) == json_without(after, *volatile), name
     # Every cached stage said so and published nothing; select kept its own champion.
     logs = pipeline.logs["second"]
     for task, pattern in CACHED_LINE.items():
@@ -188,8 +125,11 @@ def test_rerun_with_the_same_run_id_is_idempotent(pipeline: PipelineRun) -> None
 
     assert published(pipeline.logs["first"]), "the first run's logs do not show its publishes"
     assert published(logs) == [], "a cached stage published again"
-    winner = json.loads(pipeline.objects[f"{run}winner.json"])
-    assert winner["promotion"]["reason"] == "the winner already is the production champion"
+    promotions = [
+        json.loads(pipeline.documents[p][f"{run}winner.json"])["promotion"] for p in ("first", "second")
+    ]
+    assert [promotion["decision"] for promotion in promotions] == ["promoted", "champion kept"]
+    assert promotions[1]["reason"] == "the winner already is the production champion"
     production = sorted(key for key in second if key.startswith("models/production/"))
     assert production and all(first[key] == second[key] for key in production)
 
