@@ -79,6 +79,7 @@ def test_task_side_never_imports_airflow() -> None:
 def test_airflow_side_never_imports_torch() -> None:
     modules = _imported_after(
         "import importlib.util, sys\n"
+        "sys.path.insert(0, 'dags')  # Airflow puts the DAGs folder on sys.path\n"
         "spec = importlib.util.spec_from_file_location('dag', 'dags/segmentation_pipeline.py')\n"
         "spec.loader.exec_module(importlib.util.module_from_spec(spec))"
     )
