@@ -81,8 +81,11 @@ def prepare_ultralytics_offline() -> None:
 
     YOLO_OFFLINE=1 stops its DNS/online checks, sync=False its telemetry, and a local font stops its
     plotting code from downloading Arial.ttf (matplotlib's DejaVuSans stands in for it).
+    ULTRALYTICS_SAFE_LOAD=1 makes it load user-supplied .pt files with torch's weights_only
+    allow-list instead of unpickling them in full (a weights file must not run code).
     """
     os.environ["YOLO_OFFLINE"] = "1"
+    os.environ["ULTRALYTICS_SAFE_LOAD"] = "1"
     config_dir = Path(os.environ.setdefault("YOLO_CONFIG_DIR", str(store.work_dir() / "ultralytics")))
     font = config_dir / "Ultralytics" / "Arial.ttf"
     if not font.is_file():

@@ -57,8 +57,9 @@ def _sdk_overrides(offline: bool) -> dict:
     overrides: dict = {
         "api": {"http": {"retries": API_RETRIES}},
         # Report from threads, not a forked subprocess: close() takes ~0.1 s instead of 7-12 s, and
-        # nothing forks a process that holds torch.
-        "sdk": {"development": {"report_use_subprocess": False}},
+        # nothing forks a process that holds torch. No uncommitted-code diff: the session zip is
+        # published to the bucket, and a working tree's diff may hold anything (even secrets).
+        "sdk": {"development": {"report_use_subprocess": False, "store_uncommitted_code_diff": False}},
     }
     endpoint = os.environ.get("AWS_ENDPOINT_URL")
     if not offline and endpoint:
