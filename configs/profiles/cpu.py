@@ -18,31 +18,30 @@
 # - schedule: max_epochs epochs (the poly decay ends there), early-stopping patience in epochs,
 #   batch size 8, data loading in the main process (no worker processes competing for 2 cores).
 image_size = 128
-max_epochs = 12
-early_stopping_patience = 4
+max_epochs = 25
+early_stopping_patience = 8
 
 common = dict(
-    train_dataloader=dict(batch_size=8, num_workers=0, persistent_workers=False),
+    train_dataloader=dict(batch_size=4, num_workers=0, persistent_workers=False),
     val_dataloader=dict(batch_size=8, num_workers=0, persistent_workers=False),
     test_dataloader=dict(batch_size=8, num_workers=0, persistent_workers=False),
-    default_hooks=dict(logger=dict(interval=5)),
+    default_hooks=dict(logger=dict(interval=10)),
 )
 
 models = dict(
     ResNetV1c=dict(
         model=dict(
-            backbone=dict(depth=18, stem_channels=16, base_channels=16),
-            decode_head=dict(
-                in_channels=128, channels=64, c1_in_channels=16, c1_channels=16, dilations=(1, 3, 6, 9)
-            ),
+            backbone=dict(depth=18, stem_channels=16, base_channels=16, strides=(1, 2, 2, 1), dilations=(1, 1, 1, 2)),
+            decode_head=dict(in_channels=128, channels=64, c1_in_channels=16, c1_channels=16, dilations=(1, 3, 6, 9)),
             auxiliary_head=dict(in_channels=64, channels=32),
-        )
+        ),
+        optim_wrapper=dict(optimizer=dict(lr=0.05)),
     ),
     MixVisionTransformer=dict(
         model=dict(
-            backbone=dict(embed_dims=16, num_heads=[1, 2, 4, 8], num_layers=[1, 1, 1, 1]),
-            decode_head=dict(in_channels=[16, 32, 64, 128], channels=64),
+            backbone=dict(embed_dims=32, num_heads=[1, 2, 5, 8], num_layers=[1, 1, 1, 1]),
+            decode_head=dict(in_channels=[32, 64, 160, 256], channels=64),
         ),
-        optim_wrapper=dict(optimizer=dict(lr=1e-3)),
+        optim_wrapper=dict(optimizer=dict(lr=2e-3)),
     ),
 )
