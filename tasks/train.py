@@ -219,11 +219,17 @@ def prepare_dataset_view(dataset_root: Path, train_labels: Path, view_dir: Path)
 
 
 def configure_torch_threads() -> int:
-    """On CPU use every core this process may run on (unless OMP_NUM_THREADS says otherwise)."""
+    """On CPU: one intra-op thread per core but one (unless OMP_NUM_THREADS says otherwise).
+
+    Measured on the 2-core workplace (bench notes in the train issue): 2 threads make a CPU-profile
+    step only ~15% faster than 1 when the machine is idle, but ~70x slower as soon as other
+    processes compete (OpenMP threads spin at every barrier while a sibling is descheduled); the
+    spare core also runs the data-loading worker, the S3 server and Airflow.
+    """
     import torch
 
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - 1))
     return torch.get_num_threads()
 
 

@@ -109,7 +109,11 @@ def test_dataset_view_links_images_and_the_chosen_train_labels(tiny_dataset: Pat
 
 
 def test_pretrained_backbone_is_loaded_from_the_given_file(tmp_path: Path) -> None:
+    from mmengine.registry import DefaultScope
     from mmseg.registry import MODELS
+
+    # An earlier in-process Runner may have left mmengine's default scope active: build in mmseg's.
+    DefaultScope.get_instance("test_pretrained_backbone", scope_name="mmseg")
 
     cfg = load_experiment_config("exp2", "full")
     assert cfg.model.pretrained is None
@@ -174,7 +178,6 @@ def test_train_publishes_outputs_then_a_second_run_is_cached(
 
     marker = store.marker(prefix)
     assert marker is not None and set(marker["files"]) >= TRAIN_FILES
-    assert any(name.startswith("clearml/") and name.endswith(".zip") for name in marker["files"])
     assert marker["inputs"]["labels_source"] == "dataset:labels/train"
     assert not store.list_keys(f"{prefix}/work")  # the resume mirror is gone once published
     local = store.fetch(prefix, tmp_path / "out")
@@ -212,6 +215,7 @@ def test_train_publishes_outputs_then_a_second_run_is_cached(
 
 @pytest.mark.slow
 def test_killed_training_resumes_at_the_next_epoch(s3_env: dict, tiny_dataset: Path, tmp_path: Path) -> None:
+    from mmengine.config import Config
     from mmengine.runner.checkpoint import _load_checkpoint
 
     from tasks import mmcompat
@@ -219,7 +223,7 @@ def test_killed_training_resumes_at_the_next_epoch(s3_env: dict, tiny_dataset: P
     store = Store.from_env()
     prefix = stage_prefix("r1", "train", "exp2")
     index_key = f"{prefix}/work/{MIRROR_INDEX}"
-    cmd = _train_cmd("r1", tiny_dataset, "exp2", 3)
+    cmd = _train_cmd("r1", tiny_dataset, "exp2", 4)
     with open(tmp_path / "killed.log", "w") as log_file:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=log_file, stderr=log_file)
         deadline = time.monotonic() + 300
@@ -232,7 +236,7 @@ def test_killed_training_resumes_at_the_next_epoch(s3_env: dict, tiny_dataset: P
     assert proc.returncode == -signal.SIGKILL
     index = store.get_json(index_key)
     mirrored = index["epoch"]
-    assert 1 <= mirrored < 3 and store.marker(prefix) is None
+    assert 1 <= mirrored < 4 and store.marker(prefix) is None
     # what the retry resumes from carries the validation state of its epoch
     checkpoint_file = tmp_path / "mirrored.pth"
     store.download_file(f"{prefix}/work/{index['checkpoint']}", checkpoint_file)
@@ -247,6 +251,8 @@ def test_killed_training_resumes_at_the_next_epoch(s3_env: dict, tiny_dataset: P
     local = store.fetch(prefix, tmp_path / "out")
     metrics = json.loads((local / "val_metrics.json").read_text())
     assert metrics["epochs_trained"] > mirrored
-    # every epoch validated exactly once across the killed run and the retry: nothing trained twice
+    # every validation happened exactly once across the killed run and the retry: nothing trained twice
+    interval, last = Config.fromfile(local / "config.py").train_cfg.val_interval, metrics["epochs_trained"]
     steps = [r["step"] for r in _val_records((local / "log.json").read_text())]
-    assert steps == list(range(1, metrics["epochs_trained"] + 1))
+    assert steps == [epoch for epoch in range(1, last + 1) if epoch % interval == 0 or epoch == last]
+    assert mirrored in steps
