@@ -427,10 +427,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_tiny_area(tiny_area: int) -> int:
+    """--tiny-area as eda and relabel take it: at least one pixel."""
+    if tiny_area < 1:
+        raise InputError(f"--tiny-area must be >= 1 px (got {tiny_area})")
+    return tiny_area
+
+
 def main(args: argparse.Namespace) -> int:
     run_id = store.check_run_id(args.run_id)
-    if args.tiny_area < 1:
-        raise InputError(f"--tiny-area must be >= 1 px (got {args.tiny_area})")
+    check_tiny_area(args.tiny_area)
     st = store.Store.from_env()
     ref = store.materialize_dataset(args.dataset, st)
     prefix = store.stage_prefix(run_id, "eda")

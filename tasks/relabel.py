@@ -504,8 +504,7 @@ def _flagged(scores: Iterable[dict], threshold: float) -> list[str]:
 
 def main(args: argparse.Namespace) -> int:
     run_id = store.check_run_id(args.run_id)
-    if args.tiny_area < 1:
-        raise InputError(f"--tiny-area must be >= 1 px (got {args.tiny_area})")
+    eda.check_tiny_area(args.tiny_area)
     st = store.Store.from_env()
     ref = store.materialize_dataset(args.dataset, st)
     given = load_bad_list(args.bad_masks, ref.root, st) if args.bad_masks else []
