@@ -106,6 +106,17 @@ PARAMS = {
         title="Max epochs",
         description="Override every experiment's epoch count (empty: the profile's own).",
     ),
+    "cfg_options": Param(
+        None,
+        type=["null", "object"],
+        propertyNames={"pattern": runners.CFG_OPTION_KEY},
+        additionalProperties={"type": "string", "pattern": runners.CFG_OPTION_VALUE},
+        title="Config overrides",
+        description=(
+            "mmseg config overrides for every training (`--cfg-options`), e.g. "
+            '{"train_cfg.val_interval": "1", "model.decode_head.channels": "32"}; empty: none.'
+        ),
+    ),
     "relabel_strategy": Param(
         "auto",
         type="string",

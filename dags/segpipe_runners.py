@@ -9,7 +9,8 @@ testing on their own:
 - `assign_gpus()`: one docker `DeviceRequest` per experiment, round-robin over SEGPIPE_GPU_IDS.
 - `stage_environment()`: S3 and ClearML settings from the Airflow connections `segpipe_s3` and
   `segpipe_clearml` (else the worker's environment), resolved at run time, never written in the DAG.
-- `LocalStageOperator` (subprocess in the worker's environment) and `DockerStageOperator`.
+- `LocalStageOperator` (subprocess in the worker's environment) and `DockerStageOperator`, both
+  failing a task by the stage's exit code through `stage_failure` (2 and 3: no retry).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from airflow.providers.docker.exceptions import DockerContainerFailedException
 from airflow.providers.docker.operators.docker import DockerOperator
 from airflow.sdk import BaseHook, BaseOperator, Variable
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowNotFoundException
@@ -43,6 +45,14 @@ CLEARML_CONN_ID = "segpipe_clearml"
 GPU_POOL = "gpu"
 # tasks.cli exit codes that a retry cannot fix: 2 bad input, 3 quality gate failed.
 NO_RETRY_EXIT_CODES = {2: "bad input", 3: "quality gate failed"}
+# DockerOperator gives a container's exit code only inside its exception's message, the Docker API's
+# wait result: "Docker container failed: {'Error': None, 'StatusCode': 2}".
+_DOCKER_STATUS_CODE = re.compile(r"'StatusCode': (-?\d+)")
+# JSON-schema patterns of a training's config override (the `cfg_options` param): the key has
+# tasks.train.CFG_OPTION_KEY's rule (kept here: the Airflow side does not import tasks/), so the
+# argv item KEY=VALUE never reads as an option; the value is one line of printable text.
+CFG_OPTION_KEY = r"^(?!.*\n)[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*$"
+CFG_OPTION_VALUE = r"^(?!.*\n)[^\x00-\x1f\x7f]*$"
 # Same rule as tasks.store.check_run_id (kept here: the Airflow side does not import tasks/).
 RUN_ID_MAX = 128
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]")
@@ -158,6 +168,8 @@ def build_plan(p: Mapping[str, Any], airflow_run_id: str) -> dict[str, Any]:
         train += ["--profile", p["profile"]]
         if p["max_epochs"] is not None:
             train += ["--max-epochs", str(p["max_epochs"])]
+        if p.get("cfg_options"):  # last: --cfg-options takes every item after it
+            train += ["--cfg-options", *(f"{key}={value}" for key, value in p["cfg_options"].items())]
         evaluate = ["evaluate", "--experiment", name, "--run-id", run_id, "--split", "test"]
         evaluate += ["--dataset", dataset]
         experiments.append({"name": name, "train": train, "evaluate": evaluate, "device_requests": None})
@@ -244,6 +256,20 @@ def stage_environment() -> dict[str, str]:
 # ---------------------------------------------------------------- runners
 
 
+def stage_failure(step: str, code: int) -> AirflowException:
+    """What fails a stage task whose command exited with a non-zero code, for both runners: exit 2 or
+    3 (NO_RETRY_EXIT_CODES) fails without retry, any other code lets Airflow retry."""
+    if code in NO_RETRY_EXIT_CODES:
+        return AirflowFailException(f"{step} exited {code} ({NO_RETRY_EXIT_CODES[code]}): not retried")
+    return AirflowException(f"{step} exited {code}")
+
+
+def docker_exit_code(err: DockerContainerFailedException) -> int | None:
+    """The container's exit code in DockerOperator's failure (None if its message has none)."""
+    found = _DOCKER_STATUS_CODE.search(str(err))
+    return int(found.group(1)) if found else None
+
+
 def _check_command(command: Any) -> list[str]:
     if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
         raise AirflowFailException(f"a stage command must be a non-empty list of strings, got {command!r}")
@@ -284,10 +310,8 @@ class LocalStageOperator(BaseOperator):
             code = self._proc.wait()
         finally:
             self._stop()
-        if code in NO_RETRY_EXIT_CODES:
-            raise AirflowFailException(f"{argv[3]} exited {code} ({NO_RETRY_EXIT_CODES[code]}): not retried")
         if code != 0:
-            raise AirflowException(f"{argv[3]} exited {code}")
+            raise stage_failure(argv[3], code)
 
     def _stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -307,14 +331,21 @@ class DockerStageOperator(DockerOperator):
 
     `device_requests` is made templated so a planned, per-experiment value (an XComArg or a mapped
     task group argument) reaches docker; credentials go to `private_environment`, which is neither
-    templated nor rendered in the UI.
+    templated nor rendered in the UI. A container's exit code fails the task as the local runner's
+    does (`stage_failure`: 2 and 3 without retry).
     """
 
     template_fields: Sequence[str] = (*DockerOperator.template_fields, "device_requests")
 
     def execute(self, context: Any) -> Any:
         self._private_environment = {**self._private_environment, **stage_environment()}
-        return super().execute(context)
+        try:
+            return super().execute(context)
+        except DockerContainerFailedException as err:
+            code = docker_exit_code(err)
+            if code is None:
+                raise  # no exit code to judge by: Airflow's default, a retry
+            raise stage_failure(_check_command(self.command)[0], code) from err
 
 
 def stage_operator(

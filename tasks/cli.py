@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from tasks.errors import InputError, QualityGateError
@@ -24,6 +25,18 @@ STAGES: dict[str, tuple[str, str]] = {
     "evaluate": ("tasks.evaluate", "evaluate an experiment's best checkpoint on a split"),
     "select": ("tasks.selection", "pick the winner by val mDice, gate it, promote the champion"),
 }
+
+
+def exit_on_sigterm(signum: int, _frame: object) -> None:
+    """SIGTERM handler of a stage process (tasks/__main__.py): unwind now and exit 128 + signum.
+
+    Airflow stops a task (timeout, kill, marked failed) and `docker stop` a container with SIGTERM.
+    Raised as SystemExit, it runs the stage's `with`/`finally` blocks (tracking closes) and nothing
+    after them: a stage publishes last, so nothing is published. A container's PID 1 needs a handler:
+    the kernel drops signals whose action is the default one there.
+    """
+    os.write(2, b"stopped by SIGTERM\n")  # a raw write: safe whatever the interrupted code was printing
+    raise SystemExit(128 + signum)
 
 
 def build_parser(step: str | None = None) -> argparse.ArgumentParser:

@@ -83,6 +83,7 @@ def prepare_ultralytics_offline() -> None:
     plotting code from downloading Arial.ttf (matplotlib's DejaVuSans stands in for it).
     ULTRALYTICS_SAFE_LOAD=1 makes it load user-supplied .pt files with torch's weights_only
     allow-list instead of unpickling them in full (a weights file must not run code).
+    Importing ultralytics replaces PIL.Image.open process-wide; PIL's own is put back (see below).
     """
     os.environ["YOLO_OFFLINE"] = "1"
     os.environ["ULTRALYTICS_SAFE_LOAD"] = "1"
@@ -93,7 +94,14 @@ def prepare_ultralytics_offline() -> None:
 
         font.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf", font)
-    from ultralytics import settings
+    # ultralytics.utils.patches (imported with the package) swaps in an Image.open that, on a file PIL
+    # cannot identify, tries to pip-install pi-heif (network) instead of raising: our dataset checks
+    # rely on PIL's own UnidentifiedImageError. The patch runs once, at that first import.
+    pil_open = Image.open
+    try:
+        from ultralytics import settings
+    finally:
+        Image.open = pil_open
 
     settings.update({"sync": False})
 

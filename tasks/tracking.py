@@ -8,7 +8,8 @@ Online when CLEARML_API_HOST, CLEARML_API_ACCESS_KEY and CLEARML_API_SECRET_KEY 
 CLEARML_OFFLINE_MODE is not): artifacts and models then go to s3://<bucket>/runs/<id>/clearml.
 
 Tracking never stops a stage: if ClearML fails (not installed, server unreachable, an SDK error), the
-Tracker logs one warning and becomes a no-op.
+Tracker logs one warning and becomes a no-op. Nor does it change how a stage reacts to signals: the
+handlers ClearML installs are taken back (see `_init_task`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import numbers
 import os
 import shutil
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -95,6 +97,7 @@ def _init_task(run_id: str, stage: str, experiment: str | None, offline: bool) -
     # warning of open_task says it instead. Only this thread's records are held back, only meanwhile.
     quiet = _OtherThreadsOnly()
     logging.getLogger("urllib3.connectionpool").addFilter(quiet)
+    handlers = _signal_handlers()
     try:
         return Task.init(
             project_name=f"{PROJECT_ROOT}/{run_id}",
@@ -108,6 +111,23 @@ def _init_task(run_id: str, stage: str, experiment: str | None, offline: bool) -
         )
     finally:
         logging.getLogger("urllib3.connectionpool").removeFilter(quiet)
+        _restore_signal_handlers(handlers)
+
+
+def _signal_handlers() -> dict[int, Any]:
+    """The process's Python-level signal handlers (only the main thread may change them)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.getsignal(sig) for sig in signal.valid_signals()}
+
+
+def _restore_signal_handlers(handlers: dict[int, Any]) -> None:
+    """Put back the handlers Task.init replaced. ClearML's own (SIGTERM, SIGINT, SIGQUIT, SIGABRT, ...)
+    does nothing at all when the previous handler was the default one (SIG_DFL is 0, falsy): the stage
+    then ignored the SIGTERM Airflow sends on a timeout or kill (tasks.cli.exit_on_sigterm)."""
+    for sig, handler in handlers.items():
+        if handler is not None and signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)
 
 
 class _OtherThreadsOnly(logging.Filter):

@@ -2,14 +2,15 @@
 
 Flow: materialize the dataset -> choose the train labels (relabel stage output, else the dataset's
 labels_sam2/train, else labels/train) -> a dataset view (symlinks) under the local work dir ->
-the experiment's config (+ profile overlay) -> mmengine Runner with two hooks of ours:
+the experiment's config (+ profile overlay, --max-epochs, then --cfg-options, merged last) -> mmengine
+Runner with two hooks of ours:
 `StoreMirrorHook` (resume state to the store after every validation) and tracking.TrackerHook.
 Outputs go to runs/<id>/train/<exp>/: best.pth (weights of the best val-mDice epoch), config.py,
 log.json, val_metrics.json, clearml/.
 
 Resume: the mirror (runs/<id>/train/<exp>/work/) holds the latest post-validation checkpoint, the
 best checkpoint and the logs; a retry with the same inputs downloads it and resumes at the next
-epoch. Caching: outputs published with the same inputs are not trained again.
+epoch. Caching: outputs published with the same inputs (--cfg-options included) are not trained again.
 
 Public helpers evaluate reuses: `load_experiment_config`, `set_data_root`, `prepare_dataset_view`,
 `resolve_train_labels`, `fetch_training_outputs`, `configure_torch_threads`.
@@ -22,12 +23,14 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmengine.config import Config
+from mmengine.config import Config, DictAction
 from mmengine.hooks import Hook
 
 from tasks import mmcompat
@@ -58,6 +61,18 @@ BEST_INFO_KEY = "best_val"  # message-hub entry: the best epoch's checkpoint nam
 MIRROR_INDEX = "mirror.json"  # written last: the mirror's files, epoch and inputs
 SUMMARY_KEYS = ("aAcc", "mIoU", "mAcc", "mDice")
 PER_CLASS_KEYS = ("IoU", "Dice", "Acc")
+# A --cfg-options key: dotted names, list items by index (custom_hooks.0.patience). The DAG's params
+# schema holds the same rule (dags/segpipe_runners.py CFG_OPTION_KEY; tests/test_dag_params.py).
+CFG_OPTION_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*")
+# Config keys the stage sets itself: an override would be replaced, or would skip a check or the cache.
+OWNED_KEYS = {
+    "train_cfg.max_epochs": "use --max-epochs (it also moves the end of the LR schedule)",
+    "model.pretrained": "use --pretrained (the weights are checked and part of the training's inputs)",
+    "data_root": "use --dataset",
+    "work_dir": "the stage sets its own work dir",
+    "load_from": "the stage resumes from its own mirror",
+    "resume": "the stage resumes from its own mirror",
+}
 
 
 # ---------------------------------------------------------------- configs
@@ -138,6 +153,84 @@ def apply_profile(cfg: Config, profile: str) -> Config:
     return cfg
 
 
+def parse_cfg_options(items: Sequence[str]) -> dict[str, Any]:
+    """`--cfg-options KEY=VALUE ...` -> {key: value}, parsed as mmseg's tools/train.py parses them
+    (mmengine's DictAction: int, float, true/false, None, [list], (tuple), else the string)."""
+    action = DictAction(option_strings=["--cfg-options"], dest="cfg_options")
+    namespace = argparse.Namespace(cfg_options={})
+    for item in items:  # one at a time, so an error names its own option
+        key, sep, _ = item.partition("=")
+        if not sep or not CFG_OPTION_KEY.fullmatch(key):
+            raise InputError(
+                f"--cfg-options {item}: expected KEY=VALUE, KEY dotted (e.g. train_cfg.val_interval=1)"
+            )
+        try:
+            action(None, namespace, [item])
+        except AssertionError as err:  # DictAction asserts balanced brackets
+            raise InputError(f"--cfg-options {item}: {err}") from err
+    return namespace.cfg_options
+
+
+def _kind(value: Any) -> str | None:
+    """What an overridden value has to stay (None: anything goes)."""
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, dict):
+        return "a section"
+    return None
+
+
+def _registered_type(name: str) -> bool:
+    """Whether a registry of mmseg's scope (models, transforms, hooks, optimizers, ...) knows name."""
+    mmcompat.apply()  # before the first mmseg import
+    import mmseg.registry
+    from mmengine.registry import Registry
+
+    registries = [obj for obj in vars(mmseg.registry).values() if isinstance(obj, Registry)]
+    return any(registry.get(name) is not None for registry in registries)
+
+
+def apply_cfg_options(cfg: Config, options: dict[str, Any]) -> Config:
+    """Merge --cfg-options into a resolved config, refusing what would only fail later, mid-run.
+
+    Refused (InputError naming the option): the keys the stage sets itself (OWNED_KEYS, any
+    data_root), a path through a section or list item that does not exist, a value of another kind
+    than the one it replaces (a number stays a number, a section is not replaced by a scalar), and a
+    `type` no registry knows. New keys inside existing sections are allowed.
+    """
+    for key, value in options.items():
+        option = f"--cfg-options {key}={value}"
+        *parents, leaf = key.split(".")
+        owned = OWNED_KEYS.get(key) or (OWNED_KEYS["data_root"] if leaf == "data_root" else None)
+        if owned:
+            raise InputError(f"{option}: {owned}")
+        node: Any = cfg
+        for depth, part in enumerate(parents):
+            try:
+                node = node[int(part)] if isinstance(node, list) else node[part]
+            except (KeyError, IndexError, ValueError, TypeError):
+                where = ".".join(parents[: depth + 1])
+                raise InputError(f"{option}: {where} does not exist in the config") from None
+        if isinstance(node, list) and not (leaf.isdigit() and int(leaf) < len(node)):
+            raise InputError(f"{option}: {key} is not an item of a {len(node)}-item list")
+        if not isinstance(node, Config | dict | list):
+            raise InputError(f"{option}: {'.'.join(parents)} is {node!r}, not a section")
+        old = node[int(leaf)] if isinstance(node, list) else node.get(leaf)
+        if None not in (_kind(old), _kind(value)) and _kind(old) != _kind(value):
+            has = "" if isinstance(old, dict) else f" (the config has {old!r})"
+            raise InputError(f"{option}: expected {_kind(old)}{has}")
+        if leaf == "type" and not _registered_type(value):
+            raise InputError(f"{option}: no registered type {value!r} (mmseg/mmengine registries)")
+        cfg.merge_from_dict({key: value})
+    return cfg
+
+
 def load_experiment_config(
     experiment: str,
     profile: str = "full",
@@ -145,11 +238,13 @@ def load_experiment_config(
     work_dir: Path | None = None,
     max_epochs: int | None = None,
     pretrained: Path | None = None,
+    cfg_options: dict[str, Any] | None = None,
 ) -> Config:
     """The resolved mmengine Config of one experiment: its file, the profile overlay, then overrides.
 
     dataset_root: a dataset in the study's layout (a view from `prepare_dataset_view`); pretrained:
-    a local backbone checkpoint (full profile only; None = train from scratch).
+    a local backbone checkpoint (full profile only; None = train from scratch); cfg_options: from
+    `parse_cfg_options`, merged last and recorded as `cfg_options`.
     """
     cfg = Config.fromfile(experiment_config_path(experiment))  # imports tasks.mmseg_setup (custom_imports)
     apply_profile(cfg, profile)
@@ -166,7 +261,8 @@ def load_experiment_config(
                 f"(ResNet-50 V1c, MiT-B2); the {profile} profile shrinks the backbone"
             )
         cfg.model.pretrained = str(pretrained)
-    cfg.experiment, cfg.profile = experiment, profile
+    apply_cfg_options(cfg, cfg_options or {})
+    cfg.experiment, cfg.profile, cfg.cfg_options = experiment, profile, cfg_options or {}
     return cfg
 
 
@@ -377,9 +473,13 @@ def train_experiment(
     profile: str = "full",
     max_epochs: int | None = None,
     pretrained: str | None = None,
+    cfg_options: dict[str, Any] | None = None,
     store: Store | None = None,
 ) -> dict:
-    """Train (or resume, or reuse) one experiment; returns a summary of the published outputs."""
+    """Train (or resume, or reuse) one experiment; returns a summary of the published outputs.
+
+    cfg_options: config overrides from `parse_cfg_options`, merged last (see `apply_cfg_options`).
+    """
     check_run_id(run_id)
     experiment_config_path(experiment)
     if profile not in PROFILES:
@@ -390,6 +490,10 @@ def train_experiment(
     mirror_prefix = f"{prefix}/work"
 
     weights = _pretrained_file(store, pretrained, exp_dir / "pretrained")
+    # Before the dataset is read (or published): bad overrides are refused first.
+    cfg = load_experiment_config(
+        experiment, profile, max_epochs=max_epochs, pretrained=weights, cfg_options=cfg_options
+    )
     ds = materialize_dataset(dataset, store)
     labels = resolve_train_labels(store, run_id, ds.root, exp_dir / "relabel")
     inputs = {
@@ -400,6 +504,7 @@ def train_experiment(
         "labels_source": labels.source,
         "labels_version": labels.version,
         "pretrained_sha256": sha256_file(weights) if weights else None,
+        "cfg_options": cfg.cfg_options,
     }
     if store.is_current(prefix, inputs):
         log.info("cached: %s already published for these inputs", store.uri(prefix))
@@ -411,7 +516,8 @@ def train_experiment(
         shutil.rmtree(work)  # the store's mirror, not a local leftover, decides where to resume
     work.mkdir(parents=True)
     mmcompat.trust_checkpoints_under(work)  # our checkpoints only: never exp_dir/pretrained
-    cfg = load_experiment_config(experiment, profile, view, work, max_epochs, weights)
+    set_data_root(cfg, view)
+    cfg.work_dir = str(work)
     resume_from = restore_mirror(store, mirror_prefix, inputs, work)
     if resume_from is not None:
         cfg.resume, cfg.load_from = True, str(resume_from)
@@ -501,11 +607,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="backbone weights (local file or s3:// key in the pipeline's bucket); default: from scratch",
     )
+    parser.add_argument(
+        "--cfg-options",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides merged last, as mmseg's tools/train.py takes them "
+        "(e.g. train_cfg.val_interval=1 model.decode_head.channels=32)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     summary = train_experiment(
-        args.experiment, args.run_id, args.dataset, args.profile, args.max_epochs, args.pretrained
+        args.experiment,
+        args.run_id,
+        args.dataset,
+        args.profile,
+        args.max_epochs,
+        args.pretrained,
+        cfg_options=parse_cfg_options(args.cfg_options),
     )
     print(json.dumps(summary, indent=2))
     return 0

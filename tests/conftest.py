@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +13,24 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+_AIRFLOW_HOME: Path | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One throwaway Airflow home for the whole session, never the developer's, with example DAGs off.
+
+    Set before any test module imports Airflow: Airflow reads its configuration once, at first import.
+    Tests that start Airflow processes give each its own home (AIRFLOW_HOME in their environment).
+    """
+    global _AIRFLOW_HOME
+    _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="segpipe-airflow-"))
+    os.environ["AIRFLOW_HOME"] = str(_AIRFLOW_HOME)
+    os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _AIRFLOW_HOME is not None:
+        shutil.rmtree(_AIRFLOW_HOME, ignore_errors=True)
 
 
 def _load_infra(name: str):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -14,19 +13,18 @@ from typing import Any
 
 import pytest
 
+# Airflow's home for this session: tests/conftest.py (pytest_configure), before this import.
+from airflow.dag_processing.dagbag import BundleDagBag
+from airflow.providers.docker.exceptions import DockerContainerFailedException
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, TriggerRule
+from airflow.sdk.definitions.taskgroup import MappedTaskGroup
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.serde import deserialize, serialize
+from airflow.serialization.serialized_objects import DagSerialization
+from conftest import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 DAGS = ROOT / "dags"
-# Airflow reads its configuration when first imported: give this process a throwaway home first.
-os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="segpipe-airflow-"))
-os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-
-from airflow.dag_processing.dagbag import BundleDagBag  # noqa: E402
-from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, TriggerRule  # noqa: E402
-from airflow.sdk.definitions.taskgroup import MappedTaskGroup  # noqa: E402
-from airflow.sdk.exceptions import AirflowException, AirflowFailException  # noqa: E402
-from airflow.sdk.serde import deserialize, serialize  # noqa: E402
-from airflow.serialization.serialized_objects import DagSerialization  # noqa: E402
-from conftest import subprocess_env  # noqa: E402
 
 # Airflow puts a DAG bundle's folder on sys.path (BundleDagBag): the DAG file imports its sibling so.
 if str(DAGS) not in sys.path:
@@ -339,6 +337,73 @@ def test_docker_mode_credentials_reach_private_environment_at_run_time(
     }
     assert "private_environment" not in op.template_fields
     assert op.environment == {}
+
+
+class ExitingDockerClient(APIClient):
+    """docker-py's API client with a container that prints one line and exits with `code` (no engine:
+    the provider's own DockerOperator code runs up to the container's exit)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(version="1.41")
+        self.code = code
+
+    def images(self, *args: Any, **kwargs: Any) -> list[dict]:
+        return [{"Id": "sha256:segpipe"}]  # present: nothing to pull
+
+    def create_container(self, *args: Any, **kwargs: Any) -> dict:
+        return {"Id": "segpipe-container"}
+
+    def attach(self, *args: Any, **kwargs: Any) -> Any:
+        return iter([b"error: some problem\n"])
+
+    def start(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait(self, *args: Any, **kwargs: Any) -> dict:
+        return {"Error": None, "StatusCode": self.code}
+
+    def remove_container(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def docker_stage(monkeypatch: pytest.MonkeyPatch, command: list[str]) -> Any:
+    monkeypatch.setenv("SEGPIPE_RUNNER", "docker")
+    return runners.stage_operator(runners.Settings.from_env(), command[0], command, image="segpipe:test")
+
+
+def exits_with(op: Any, code: int) -> Any:
+    """The operator, its container exiting with code: DockerOperator.hook is a cached_property."""
+    op.__dict__["hook"] = type("FakeDockerHook", (), {"api_client": ExitingDockerClient(code)})()
+    return op
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [(2, r"eda exited 2 \(bad input\): not retried"), (3, r"eda exited 3 \(quality gate failed\)")],
+)
+def test_docker_runner_fails_exit_2_and_3_without_retry(
+    monkeypatch: pytest.MonkeyPatch, code: int, expected: str
+) -> None:
+    op = docker_stage(monkeypatch, ["eda", "--run-id", "r1", "--dataset", "s3://segmentation/x"])
+    with pytest.raises(AirflowFailException, match=expected):
+        exits_with(op, code).execute({})
+
+
+def test_docker_runner_retries_other_exit_codes(monkeypatch: pytest.MonkeyPatch) -> None:
+    op = docker_stage(monkeypatch, ["train", "--experiment", "h1", "--run-id", "r1", "--dataset", "/x"])
+    for code in (1, 137):  # a crash, a container killed
+        with pytest.raises(AirflowException, match=f"train exited {code}$") as info:
+            exits_with(op, code).execute({})
+        assert not isinstance(info.value, AirflowFailException)
+    assert exits_with(op, 0).execute({}) == "error: some problem"  # success: the provider's result
+
+
+def test_both_runners_map_exit_codes_alike() -> None:
+    for code in (2, 3):
+        assert isinstance(runners.stage_failure("select", code), AirflowFailException)
+    assert type(runners.stage_failure("select", 1)) is AirflowException
+    # a provider failure without an exit code (no container status) is left to Airflow: retried
+    assert runners.docker_exit_code(DockerContainerFailedException("Docker container failed")) is None
 
 
 # ---------------------------------------------------------------- local runner (real subprocesses)

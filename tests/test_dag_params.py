@@ -4,6 +4,7 @@ reach the stages as inert argument-list items (no shell, no template, no option 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +41,13 @@ BAD_CONFS = {
     "traversal in bad-mask list": {"bad_masks": "/data/../etc/passwd"},
     "newline in dataset": {"dataset": "/data/pets\n--max-epochs"},
     "trailing newline": {"dataset": "s3://segmentation/datasets/pets\n"},
+    "cfg options not an object": {"cfg_options": ["train_cfg.val_interval=1"]},
+    "cfg option value not a string": {"cfg_options": {"train_cfg.val_interval": 1}},
+    "option-looking cfg option key": {"cfg_options": {"--max-epochs": "9"}},
+    "cfg option key with a space": {"cfg_options": {"train_cfg val_interval": "1"}},
+    "empty cfg option key part": {"cfg_options": {"train_cfg..val_interval": "1"}},
+    "newline in cfg option key": {"cfg_options": {"train_cfg.val_interval\n": "1"}},
+    "newline in cfg option value": {"cfg_options": {"train_cfg.val_interval": "1\n--max-epochs"}},
 }
 # Absolute, no '..': the schema lets it through, so it must stay one inert argument.
 HOSTILE = (
@@ -66,6 +74,7 @@ def test_schema_accepts_the_defaults_and_a_full_conf(dag: Any) -> None:
         "experiments": ["h1", "h2", "exp1", "exp2"],
         "profile": "full",
         "max_epochs": None,
+        "cfg_options": None,
         "relabel_strategy": "auto",
         "bad_masks": None,
         "quality_gate": 0.75,
@@ -76,6 +85,7 @@ def test_schema_accepts_the_defaults_and_a_full_conf(dag: Any) -> None:
         "experiments": ["exp2", "h1"],
         "profile": "cpu",
         "max_epochs": 3,
+        "cfg_options": {"train_cfg.val_interval": "1", "model.decode_head.dilations": "(1, 2, 4, 8)"},
         "relabel_strategy": "morphology",
         "bad_masks": "s3://segmentation/datasets/pets/bad_mask_paths.json",
         "quality_gate": 0.8,
@@ -93,12 +103,23 @@ def test_schema_accepts_the_defaults_and_a_full_conf(dag: Any) -> None:
         "exp2,h1",
         "--no-promote",
     ]
-    assert [spec["train"] for spec in plan[("plan_experiments", "return_value")]][0][-4:] == [
-        "--profile",
-        "cpu",
-        "--max-epochs",
-        "3",
-    ]
+    # every training gets the overrides, each one argv item KEY=VALUE, after --cfg-options (last)
+    for spec in plan[("plan_experiments", "return_value")]:
+        assert spec["train"][-7:] == [
+            "--profile",
+            "cpu",
+            "--max-epochs",
+            "3",
+            "--cfg-options",
+            "train_cfg.val_interval=1",
+            "model.decode_head.dilations=(1, 2, 4, 8)",
+        ]
+        parsed = train.parse_cfg_options(spec["train"][-2:])  # as the stage reads them
+        assert parsed == {"train_cfg.val_interval": 1, "model.decode_head.dilations": (1, 2, 4, 8)}
+    # no overrides (null or {}): no --cfg-options at all
+    for cfg_options in (None, {}):
+        plan = plan_xcoms(dag, run_params(dag, cfg_options=cfg_options))
+        assert all("--cfg-options" not in s["train"] for s in plan[("plan_experiments", "return_value")])
 
 
 def test_docker_runner_takes_s3_locations_only(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -176,6 +197,10 @@ def test_choices_match_the_stage_clis() -> None:
     assert set(runners.EXPERIMENTS) == set(train.EXPERIMENTS)
     assert runners.PROFILES == train.PROFILES
     assert runners.RELABEL_STRATEGIES == relabel.STRATEGIES
+    # the params' --cfg-options key rule is the stage's
+    keys = ("train_cfg.val_interval", "custom_hooks.0.patience", "_x", "a..b", "-a", "a.", "0a", "a b", "a\n")
+    for key in keys:
+        assert bool(re.search(runners.CFG_OPTION_KEY, key)) == bool(train.CFG_OPTION_KEY.fullmatch(key)), key
 
 
 @pytest.mark.slow

@@ -305,3 +305,30 @@ def test_ultralytics_is_kept_offline() -> None:
     font = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics" / "Arial.ttf"
     assert font.read_bytes()[:4] == b"\x00\x01\x00\x00"  # a TrueType font
     assert Path(check_font("Arial.ttf")) == font  # what ultralytics' plotting would otherwise download
+
+
+def test_ultralytics_leaves_pil_image_open_alone(tmp_path: Path) -> None:
+    not_an_image = tmp_path / "mask.png"
+    not_an_image.write_bytes(b"not an image")
+    code = f"""
+from PIL import Image, UnidentifiedImageError
+pil_open = Image.open
+from tasks import relabel
+relabel.prepare_ultralytics_offline()
+from ultralytics import YOLO  # the rest of what the relabel stage imports
+assert Image.open is pil_open, Image.open
+try:
+    Image.open({str(not_an_image)!r})
+except UnidentifiedImageError:
+    print("refused by PIL")
+"""
+    # a fresh interpreter: this one may have imported ultralytics already
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and "refused by PIL" in result.stdout, result.stderr[-3000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import zipfile
 from pathlib import Path
@@ -181,6 +182,16 @@ def test_clearml_failure_is_logged_once_and_training_goes_on(
     assert len(warnings) == 1 and "ClearML unavailable" in warnings[0].getMessage()
     assert "test-secret" not in warnings[0].getMessage()
     assert not (tmp_path / "clearml").exists()
+
+
+def test_clearml_leaves_the_signal_handlers_alone(tmp_path: Path) -> None:
+    # ClearML's own SIGTERM handler ignored SIGTERM: a stage must stop when Airflow says so.
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGABRT)
+    before = {sig: signal.getsignal(sig) for sig in signals}
+    with tracking.open_task("run-1", "train", "h1", session_dir=tmp_path / "session") as tracker:
+        assert tracker.enabled
+        assert {sig: signal.getsignal(sig) for sig in signals} == before
+    assert {sig: signal.getsignal(sig) for sig in signals} == before
 
 
 def test_online_settings(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,11 +16,13 @@ import pytest
 import torch
 from conftest import subprocess_env
 
+from tasks import train
 from tasks.errors import InputError
 from tasks.store import Store, stage_prefix
 from tasks.train import (
     MIRROR_INDEX,
     load_experiment_config,
+    parse_cfg_options,
     prepare_dataset_view,
     resolve_train_labels,
     restore_mirror,
@@ -29,9 +31,12 @@ from tasks.train import (
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_FILES = {"best.pth", "config.py", "log.json", "val_metrics.json"}
+# Tests that count validations or wait for a mirrored epoch set the interval themselves: the CPU
+# profile's own val_interval is tuning and keeps changing.
+EVERY_EPOCH = ("--cfg-options", "train_cfg.val_interval=1")
 
 
-def _train_cmd(run_id: str, dataset: Path, experiment: str, max_epochs: int) -> list[str]:
+def _train_cmd(run_id: str, dataset: Path, experiment: str, max_epochs: int, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -47,6 +52,7 @@ def _train_cmd(run_id: str, dataset: Path, experiment: str, max_epochs: int) -> 
         "cpu",
         "--max-epochs",
         str(max_epochs),
+        *extra,
     ]
 
 
@@ -145,6 +151,9 @@ def test_mirror_is_resumed_only_for_the_same_inputs(s3_env: dict, tmp_path: Path
     assert resumed.read_text() == "checkpoint bytes"
     assert (tmp_path / "b" / "20260101_000000" / "vis_data" / "20260101_000000.json").is_file()
     assert restore_mirror(store, "runs/r1/train/h2/work", inputs, tmp_path / "c") is None
+    # other config overrides: another training, whose mirror is not resumed
+    other = {**inputs, "cfg_options": {"train_cfg.val_interval": 1}}
+    assert restore_mirror(store, prefix, other, tmp_path / "d") is None
 
 
 def test_bad_arguments_exit_2_with_a_clear_message(s3_env: dict, tiny_dataset: Path, tmp_path: Path) -> None:
@@ -158,6 +167,77 @@ def test_bad_arguments_exit_2_with_a_clear_message(s3_env: dict, tiny_dataset: P
         train_experiment("h1", "r1", str(tiny_dataset), pretrained="s3://elsewhere/w.pth")
     with pytest.raises(InputError, match="invalid run id"):
         train_experiment("h1", "../r1", str(tiny_dataset))
+
+
+# ---------------------------------------------------------------- --cfg-options
+
+
+def test_cfg_options_are_merged_last_and_recorded() -> None:
+    items = ["train_cfg.val_interval=1", "custom_hooks.0.patience=3", "model.decode_head.dilations=(1,2,4,8)"]
+    options = parse_cfg_options(items)
+    assert options == {
+        "train_cfg.val_interval": 1,
+        "custom_hooks.0.patience": 3,
+        "model.decode_head.dilations": (1, 2, 4, 8),
+    }
+    cfg = load_experiment_config("h1", "cpu", max_epochs=3, cfg_options=options)
+    # after the profile's overlay (its own val_interval and patience) and after --max-epochs
+    assert cfg.train_cfg.val_interval == 1 and cfg.train_cfg.max_epochs == 3
+    assert cfg.custom_hooks[0].patience == 3
+    assert cfg.model.decode_head.dilations == (1, 2, 4, 8)
+    assert cfg.cfg_options == options  # recorded in the resolved config (published as config.py)
+    assert load_experiment_config("h1", "cpu").cfg_options == {}
+
+
+@pytest.mark.parametrize(
+    ("item", "problem"),
+    [
+        ("train_cfg.val_interval", "expected KEY=VALUE"),
+        ("-x=1", "expected KEY=VALUE"),
+        ("model..type=1", "expected KEY=VALUE"),
+        ("model.decode_head.dilations=(1,2", "Imbalanced brackets"),
+        ("model.decode_head.type=NoSuchHead", "no registered type 'NoSuchHead'"),
+        ("train_cfg.val_interval=often", "expected a number (the config has 2)"),
+        ("model=1", "expected a section"),
+        ("train_cfgg.val_interval=1", "train_cfgg does not exist in the config"),
+        ("custom_hooks.4.patience=1", "custom_hooks.4 does not exist in the config"),
+        ("train_cfg.val_interval.x=1", "train_cfg.val_interval is 2, not a section"),
+        ("train_cfg.max_epochs=3", "use --max-epochs"),
+        ("model.pretrained=/tmp/w.pth", "use --pretrained"),
+        ("train_dataloader.dataset.data_root=/data", "use --dataset"),
+        ("work_dir=/tmp/w", "the stage sets its own work dir"),
+    ],
+)
+def test_bad_cfg_options_are_refused_naming_the_option(item: str, problem: str) -> None:
+    with pytest.raises(InputError) as info:
+        load_experiment_config("h1", "cpu", cfg_options=parse_cfg_options([item]))
+    assert str(info.value).startswith(f"--cfg-options {item.split('=')[0]}")
+    assert problem in str(info.value)
+
+
+def test_cfg_options_are_part_of_the_training_inputs(
+    s3_env: dict, tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished training is reused only for the same overrides (the mirror test above: resume too)."""
+    trained: list[tuple[object, dict]] = []
+
+    def publish_without_training(cfg, store, run_id, prefix, mirror_prefix, inputs, exp_dir, *_) -> dict:
+        trained.append((cfg, inputs))
+        out = exp_dir / "publish"
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.dump(str(out / "config.py"))
+        store.publish(out, prefix, inputs)
+        return {"status": "trained"}
+
+    monkeypatch.setattr(train, "_run_and_publish", publish_without_training)
+    every, second = {"train_cfg.val_interval": 1}, {"train_cfg.val_interval": 2}
+    statuses = [
+        train_experiment("h1", "r1", str(tiny_dataset), "cpu", 2, cfg_options=options)["status"]
+        for options in (every, every, second, None)
+    ]
+    assert statuses == ["trained", "cached", "trained", "trained"]
+    assert [inputs["cfg_options"] for _, inputs in trained] == [every, second, {}]
+    assert [cfg.train_cfg.val_interval for cfg, _ in trained[:2]] == [1, 2]
 
 
 # ---------------------------------------------------------------- end to end
@@ -223,7 +303,7 @@ def test_killed_training_resumes_at_the_next_epoch(s3_env: dict, tiny_dataset: P
     store = Store.from_env()
     prefix = stage_prefix("r1", "train", "exp2")
     index_key = f"{prefix}/work/{MIRROR_INDEX}"
-    cmd = _train_cmd("r1", tiny_dataset, "exp2", 4)
+    cmd = _train_cmd("r1", tiny_dataset, "exp2", 4, *EVERY_EPOCH)
     with open(tmp_path / "killed.log", "w") as log_file:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=log_file, stderr=log_file)
         deadline = time.monotonic() + 300
@@ -240,6 +320,7 @@ def test_killed_training_resumes_at_the_next_epoch(s3_env: dict, tiny_dataset: P
     # what the retry resumes from carries the validation state of its epoch
     checkpoint_file = tmp_path / "mirrored.pth"
     store.download_file(f"{prefix}/work/{index['checkpoint']}", checkpoint_file)
+    mmcompat.apply()  # mmengine's loader must be ours in this process too, whatever ran before
     mmcompat.trust_checkpoints_under(tmp_path)
     hub = _load_checkpoint(str(checkpoint_file), map_location="cpu")["message_hub"]["runtime_info"]
     assert hub["best_val"]["epoch"] <= mirrored and "early_stopping" in hub
@@ -251,8 +332,45 @@ def test_killed_training_resumes_at_the_next_epoch(s3_env: dict, tiny_dataset: P
     local = store.fetch(prefix, tmp_path / "out")
     metrics = json.loads((local / "val_metrics.json").read_text())
     assert metrics["epochs_trained"] > mirrored
+    config = Config.fromfile(local / "config.py")
+    assert config.train_cfg.val_interval == 1 and config.cfg_options == {"train_cfg.val_interval": 1}
     # every validation happened exactly once across the killed run and the retry: nothing trained twice
-    interval, last = Config.fromfile(local / "config.py").train_cfg.val_interval, metrics["epochs_trained"]
     steps = [r["step"] for r in _val_records((local / "log.json").read_text())]
-    assert steps == [epoch for epoch in range(1, last + 1) if epoch % interval == 0 or epoch == last]
-    assert mirrored in steps
+    assert steps == list(range(1, metrics["epochs_trained"] + 1))
+
+
+@pytest.mark.slow
+def test_sigterm_stops_training_promptly_and_publishes_nothing(
+    s3_env: dict, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """What Airflow sends on a timeout or a kill: the stage must end at once, not publish."""
+    store = Store.from_env()
+    prefix = stage_prefix("r1", "train", "h1")
+    log_path = tmp_path / "terminated.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(
+            # long enough to be mid-training for sure: 50 epochs, no early stop
+            _train_cmd("r1", tiny_dataset, "h1", 50, *EVERY_EPOCH, "custom_hooks.0.patience=50"),
+            cwd=ROOT,
+            env=subprocess_env(),
+            stdout=log_file,
+            stderr=log_file,
+        )
+        try:
+            deadline = time.monotonic() + 300
+            while not store.exists(f"{prefix}/work/{MIRROR_INDEX}"):  # mid-training, tracking on
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, "no epoch mirrored within 300 s"
+                time.sleep(0.05)
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=60)
+            took = time.monotonic() - sent
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    output = log_path.read_text()
+    assert took < 15, f"exited {took:.0f} s after SIGTERM\n{output[-3000:]}"
+    assert code == 128 + signal.SIGTERM and "stopped by SIGTERM" in output, output[-3000:]
+    assert store.marker(prefix) is None  # not published; the resume mirror stays for a retry

@@ -127,6 +127,8 @@ def pipeline(s3_server: Any, tiny_dataset: Path, tmp_path_factory: pytest.TempPa
                 experiments=list(PIPELINE_EXPERIMENTS),
                 profile="cpu",
                 max_epochs=1,
+                # validated at epoch 1 whatever the profile's interval; the DAG's param, end to end
+                cfg_options={"train_cfg.val_interval": "1"},
                 relabel_strategy="morphology",
                 quality_gate=0.0,
             )

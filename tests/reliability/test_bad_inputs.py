@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import structlog.testing
 import torch
+from conftest import subprocess_env
 from PIL import Image
 from test_dag import parse_dag, plan_xcoms, render, run_params, runners
 
@@ -214,6 +215,26 @@ def test_train_overrides_are_checked(
             cli.main([*train_args(str(tiny_dataset)), flag, value])
         assert exit_info.value.code == 2 and f"invalid choice: '{value}'" in capsys.readouterr().err
     assert Store.from_env().list_keys("runs") == []
+
+
+def test_train_cfg_options_naming_no_registered_type_exit_2_and_publish_nothing(
+    s3_env: dict[str, str], tiny_dataset: Path
+) -> None:
+    option = "model.decode_head.type=NoSuchHead"
+    cmd = [sys.executable, "-m", "tasks", *train_args(str(tiny_dataset), "--profile", "cpu")]
+    result = subprocess.run(
+        [*cmd, "--cfg-options", "train_cfg.val_interval=1", option],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"error: --cfg-options {option}: no registered type 'NoSuchHead'" in errors[0]
+    # refused before the dataset is read: nothing under the run's prefix, nor anywhere else
+    assert bucket_state(Store.from_env()) == {}
 
 
 # ---------------------------------------------------------------- shell metacharacters

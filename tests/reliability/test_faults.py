@@ -49,7 +49,9 @@ def test_s3_restart_during_upload_is_retried_and_outputs_are_complete(
             for name, value in env.items():
                 mp.setenv(name, value)
             store = Store.from_env()
-            training = StageProcess([*command, "--profile", "cpu", "--max-epochs", "2"], env)
+            # Validation (and so the mirror) every epoch, whatever the CPU profile's own interval.
+            options = ["--cfg-options", "train_cfg.val_interval=1"]
+            training = StageProcess([*command, "--profile", "cpu", "--max-epochs", "2", *options], env)
             # Epoch 1 is mirrored; epoch 2 trains without touching S3: the server goes down meanwhile.
             training.wait_for(r"mirrored epoch 1 ")
             training.signal(signal.SIGSTOP)  # held while the bucket is saved and the server stopped
@@ -150,7 +152,9 @@ def test_parallel_trainings_of_one_run_do_not_clobber_each_other(pipeline: Pipel
         metrics = json.loads(pipeline.objects[f"{prefix}/val_metrics.json"])
         assert metrics["experiment"] == exp
         backbone = "MixVisionTransformer" if exp == "exp2" else "ResNetV1c"
-        assert f"type='{backbone}'" in pipeline.objects[f"{prefix}/config.py"].decode()
+        config = pipeline.objects[f"{prefix}/config.py"].decode()
+        assert f"type='{backbone}'" in config
+        assert "cfg_options = dict({'train_cfg.val_interval': 1})" in config  # the DAG's param got there
         evaluated = pipeline.objects[f"{stage_prefix(pipeline.run_id, 'eval', exp)}/test_metrics.json"]
         assert json.loads(evaluated)["experiment"] == exp
 
