@@ -176,7 +176,8 @@ def test_cpu_profile_keeps_what_the_experiment_tests(experiment: str) -> None:
     assert cpu.default_hooks.checkpoint == full.default_hooks.checkpoint
     assert [h.type for h in cpu.custom_hooks] == [h.type for h in full.custom_hooks]
     assert (cpu.val_cfg, cpu.val_evaluator) == (full.val_cfg, full.val_evaluator)
-    assert cpu.train_cfg.val_interval <= 2  # still validates often enough to pick the best epoch
+    # still validates often enough to pick the best epoch and to stop early
+    assert cpu.train_cfg.max_epochs // cpu.train_cfg.val_interval >= 10
     assert cpu.train_cfg.max_epochs < full.train_cfg.max_epochs
     if experiment in DEEPLAB:
         assert cpu.model.backbone.depth < full.model.backbone.depth

@@ -260,6 +260,9 @@ def test_train_publishes_outputs_then_a_second_run_is_cached(
     assert marker is not None and set(marker["files"]) >= TRAIN_FILES
     assert marker["inputs"]["labels_source"] == "dataset:labels/train"
     assert not store.list_keys(f"{prefix}/work")  # the resume mirror is gone once published
+    assert any(name.startswith("clearml/") and name.endswith(".zip") for name in marker["files"]), (
+        f"no ClearML offline session published; stage log:\n{first.stderr[-6000:]}"
+    )
     local = store.fetch(prefix, tmp_path / "out")
 
     metrics = json.loads((local / "val_metrics.json").read_text())
