@@ -93,6 +93,12 @@ def _init_task(run_id: str, stage: str, experiment: str | None, offline: bool) -
 
     config_obj.set_overrides(_sdk_overrides(offline))
     Task.set_offline(offline)
+    # Task.init marks its process in CLEARML_PROC_MASTER_ID ("pid:task id"); a child process that
+    # inherits the mark becomes a do-nothing stub (or reports into the parent's task). A stage is its
+    # own task whatever launched it: a worker, a notebook or a test runner that used ClearML itself.
+    for name in ("CLEARML_PROC_MASTER_ID", "TRAINS_PROC_MASTER_ID"):
+        if os.environ.get(name, "").partition(":")[0] != str(os.getpid()):
+            os.environ.pop(name, None)
     # urllib3 logs one warning per retry of ClearML's login; when the server is down, the single
     # warning of open_task says it instead. Only this thread's records are held back, only meanwhile.
     quiet = _OtherThreadsOnly()

@@ -7,6 +7,8 @@ import logging
 import os
 import signal
 import socket
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -157,6 +159,32 @@ def test_offline_session_holds_scalars_and_hyperparameters(tmp_path: Path) -> No
     assert hyper["params"]["profile"]["value"] == "cpu"
     assert hyper["config"]["train_cfg/max_iters"]["value"] == "20"
     assert hyper["config"]["val_evaluator/type"]["value"] == "mmseg.IoUMetric"
+
+
+def test_a_stage_launched_by_a_clearml_process_is_its_own_task(tmp_path: Path) -> None:
+    """A parent that used ClearML (this test runner, a notebook) leaves CLEARML_PROC_MASTER_ID in
+    the environment: the stage must still record its own session, not become ClearML's stub."""
+    script = (
+        "import sys; from pathlib import Path; from tasks import tracking; "
+        "t = tracking.open_task('run-3', 'train', 'h1', session_dir=Path(sys.argv[1])); "
+        "t.report_scalar('loss', 'train', 0.5, 1); print(t.close())"
+    )
+    env = {**os.environ, "CLEARML_PROC_MASTER_ID": "1:", "TRAINS_PROC_MASTER_ID": "1:"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "session")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    [session_zip] = (tmp_path / "session").glob("offline-*.zip")
+    assert str(session_zip) in done.stdout.splitlines()  # what close() returned
+    events, task = read_session(session_zip)
+    assert task["name"] == "train/h1"
+    assert [(e["metric"], e["value"]) for e in events if e["type"] == "training_stats_scalar"] == [
+        ("loss", 0.5)
+    ]
 
 
 def test_clearml_failure_is_logged_once_and_training_goes_on(
