@@ -47,6 +47,8 @@ REFUSED_IMAGE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # no agreed
 # files beside them (a README, synth.json provenance) do not change the version.
 HASHED_DIRS = ("images", "labels", "labels_sam2", "labels_clean")
 HASHED_FILES = ("defects.json",)
+# What a split's version covers (images/<split>/, labels/<split>/): a split's samples and reference masks.
+SPLIT_DIRS = ("images", "labels")
 VERSION_CHARS = 16
 EXIF_ORIENTATION = 0x0112
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the 12-byte IEND chunk every complete PNG ends with
@@ -267,9 +269,11 @@ def validate_dataset(root: Path, splits: Iterable[str] = SPLITS) -> dict:
         raise InputError(list(dict.fromkeys(problems)))  # a missing images/ folder shows up once
     for record in converted:
         log.warning("%s: %s image converted to RGB", record["file"], record["mode"])
+    version, split_versions = dataset_versions(root)
     return {
         "root": str(root),
-        "version": content_hash(root),
+        "version": version,
+        "split_versions": {split: split_versions[split] for split in splits},
         "splits": summary_splits,
         "converted": converted,
     }
@@ -278,11 +282,13 @@ def validate_dataset(root: Path, splits: Iterable[str] = SPLITS) -> dict:
 # ---------------------------------------------------------------- version
 
 
-def _hashed_files(root: Path) -> list[str]:
-    found = [name for name in HASHED_FILES if (root / name).is_file()]
-    for top in HASHED_DIRS:
-        for folder, dirs, files in os.walk(root / top):
-            dirs.sort()
+def _hashed_files(
+    root: Path, dirs: Iterable[str] = HASHED_DIRS, names: Iterable[str] = HASHED_FILES
+) -> list[str]:
+    found = [name for name in names if (root / name).is_file()]
+    for top in dirs:
+        for folder, subdirs, files in os.walk(root / top):
+            subdirs.sort()
             rel_folder = Path(folder).relative_to(root).as_posix()
             found += [f"{rel_folder}/{name}" for name in files]
     return sorted(found)
@@ -293,18 +299,54 @@ def _file_sha256(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
+def _split_of(rel: str) -> str | None:
+    """The split a hashed file belongs to: SPLIT_DIRS/<split>/..., else None (other folders, defects.json)."""
+    top, _, rest = rel.partition("/")
+    split = rest.partition("/")[0]
+    return split if top in SPLIT_DIRS and split in SPLITS and "/" in rest else None
+
+
+def _hash_files(root: Path, files: list[str]) -> dict[str | None, str]:
+    """One pass over files (sorted relative paths): the version of all of them under the key None and
+    the version of each split's subset (_split_of) under the split's name, for every split in SPLITS.
+
+    A version is sha256 over the sorted "relative path NUL sha256 of the bytes" lines, first
+    VERSION_CHARS hex chars; every version here is computed from the same file digests."""
+    outer = {None: hashlib.sha256(), **{split: hashlib.sha256() for split in SPLITS}}
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        digests = pool.map(lambda rel: _file_sha256(root / rel), files)
+        for rel, digest in zip(files, digests, strict=True):
+            line = f"{rel}\0{digest}\n".encode()
+            outer[None].update(line)
+            if (split := _split_of(rel)) is not None:
+                outer[split].update(line)
+    return {key: h.hexdigest()[:VERSION_CHARS] for key, h in outer.items()}
+
+
+def dataset_versions(root: Path) -> tuple[str, dict[str, str]]:
+    """(the dataset version, {split: split version}) from one read of the dataset's files.
+
+    The dataset version covers everything the pipeline reads (HASHED_DIRS, HASHED_FILES); a split's
+    version covers only images/<split>/ and labels/<split>/ (its samples and their reference masks,
+    what evaluation on that split reads), so adding train images leaves the test version unchanged."""
+    versions = _hash_files(Path(root), _hashed_files(Path(root)))
+    return versions.pop(None), versions
+
+
 def content_hash(root: Path) -> str:
     """The dataset version: sha256 over the sorted (relative path, sha256 of bytes) of the files the
     pipeline reads (HASHED_DIRS, HASHED_FILES), first 16 hex chars. Independent of mtimes and of where
     the dataset lives, so a local copy and its S3 upload have the same version."""
+    return dataset_versions(root)[0]
+
+
+def split_version(root: Path, split: str) -> str:
+    """One split's version (see dataset_versions), reading only that split's images and labels."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}")
     root = Path(root)
-    files = _hashed_files(root)
-    with ThreadPoolExecutor(max_workers=_workers()) as pool:
-        digests = pool.map(lambda rel: _file_sha256(root / rel), files)
-        outer = hashlib.sha256()
-        for rel, digest in zip(files, digests, strict=True):
-            outer.update(f"{rel}\0{digest}\n".encode())
-    return outer.hexdigest()[:VERSION_CHARS]
+    files = _hashed_files(root, [f"{top}/{split}" for top in SPLIT_DIRS], names=())
+    return _hash_files(root, files)[split]
 
 
 # ---------------------------------------------------------------- CLI
@@ -357,6 +399,7 @@ def main(args: argparse.Namespace) -> int:
     summary["uri"] = ref.uri
     if args.run_id is not None:
         dataset = {"name": ref.name, "version": ref.version, "uri": ref.uri, "splits": summary["splits"]}
+        dataset["split_versions"] = summary["split_versions"]
         dataset["converted"] = len(summary["converted"])
         store_module.update_manifest(
             store, args.run_id, dataset=dataset, params=params, started_at=store_module.utc_now()

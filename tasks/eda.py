@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from tasks import masks, store
+from tasks import masks, store, tracking
 from tasks.dataset import CLASSES, IGNORE_INDEX, SPLITS, list_pairs, read_image, read_mask
 from tasks.errors import InputError
 
@@ -302,6 +302,14 @@ def score_dataset(root: Path, tiny_area: int = TINY_AREA) -> list[dict[str, Any]
 CLASS_COLOURS = {1: (1.0, 0.55, 0.0), 2: (0.1, 0.45, 1.0), IGNORE_INDEX: (0.6, 0.6, 0.6)}
 
 
+def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """An RGB image (uint8) with the mask's classes painted over it in CLASS_COLOURS; floats in [0, 1]."""
+    out = image.astype(np.float64) / 255
+    for value, colour in CLASS_COLOURS.items():
+        out[mask == value] = 0.45 * out[mask == value] + 0.55 * np.array(colour)
+    return out
+
+
 def write_plots(
     root: Path,
     out_dir: Path,
@@ -358,11 +366,7 @@ def write_plots(
     for ax in axes.ravel():
         ax.axis("off")
     for ax, rec in zip(axes.ravel(), top, strict=False):
-        mask = read_mask(root / rec["mask"])
-        overlay = read_image(images[rec["mask"]]).astype(np.float64) / 255
-        for value, colour in CLASS_COLOURS.items():
-            overlay[mask == value] = 0.45 * overlay[mask == value] + 0.55 * np.array(colour)
-        ax.imshow(overlay)
+        ax.imshow(overlay(read_image(images[rec["mask"]]), read_mask(root / rec["mask"])))
         strong = [k for k, e in rec["evidence"].items() if e > 0]
         ax.set_title(f"{Path(rec['mask']).stem}\nscore {rec['score']:.2f}: {', '.join(strong)}", fontsize=8)
     fig.suptitle("most suspicious train masks (orange cat, blue dog, grey ignore)")
@@ -416,6 +420,30 @@ def run_eda(
     return report
 
 
+def report_to_clearml(tracker: tracking.Tracker, report: dict, out_dir: Path) -> None:
+    """Per split: class pixel/image shares, object-area summaries, tiny components (scalars at
+    iteration 0, one title per table); the suspicious-mask counts; the plots as debug images."""
+    for split, summary in report["splits"].items():
+        for key, title in (("pixel_share", "pixel share"), ("image_share", "image share")):
+            for cls, value in summary[key].items():
+                if value is not None:
+                    tracker.report_scalar(f"{split} {title}", cls, value, 0)
+        for key in ("images", "ignore_share", "unexpected_value_pixels"):
+            tracker.report_scalar(f"{split} masks", key, summary[key], 0)
+        for cls, areas in summary["object_areas"].items():
+            for stat, value in areas.items():
+                if value is not None:
+                    tracker.report_scalar(f"{split} {cls} object area (px)", stat, value, 0)
+        tiny = summary["tiny_components"]
+        for cls, count in tiny["per_class"].items():
+            tracker.report_scalar(f"{split} tiny components", cls, count, 0)
+        tracker.report_scalar(f"{split} tiny components", "masks_with_tiny", tiny["masks_with_tiny"], 0)
+    tracker.report_scalar("suspicious train masks", "flagged", report["flagged"], 0)
+    tracker.report_scalar("suspicious train masks", "scored", len(report["suspicious"]), 0)
+    for name in report["plots"]:
+        tracker.report_image("eda plots", Path(name).stem, out_dir / name)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-id", required=True, help="pipeline run id")
     parser.add_argument("--dataset", required=True, help="dataset: local directory or s3://bucket/prefix")
@@ -447,7 +475,11 @@ def main(args: argparse.Namespace) -> int:
     out_dir = store.work_dir() / "runs" / run_id / "eda"
     shutil.rmtree(out_dir, ignore_errors=True)  # a retry starts clean: no stale plot gets published
     info = {"name": ref.name, "version": ref.version, "uri": ref.uri}
-    report = run_eda(ref.root, out_dir, args.tiny_area, dataset_info=info)
+    params = {**inputs, "dataset": info}
+    with tracking.open_task(run_id, "eda", params=params, session_dir=out_dir / "clearml") as tracker:
+        report = run_eda(ref.root, out_dir, args.tiny_area, dataset_info=info)
+        report_to_clearml(tracker, report, out_dir)
+        tracker.upload_artifact("report", out_dir / "report.json")
     st.publish(out_dir, prefix, inputs)
     log.info("eda: %d train masks flagged of %d", report["flagged"], len(report["suspicious"]))
     return 0

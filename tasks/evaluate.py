@@ -3,7 +3,8 @@
 Flow: fetch runs/<id>/train/<exp>/ (best.pth, the resolved config.py) -> point the config's test
 dataloader at the split of the dataset -> mmengine's Runner.test with mmseg's IoUMetric (extended
 only to keep each sample) -> <split>_metrics.json (aAcc, mIoU, mAcc, mDice, per-class IoU/Dice/Acc,
-percent as mmseg reports), 1x4 panels (image | truth | prediction | errors) of the N best and N
+percent as mmseg reports; `<split>_set_version`, the version of the split's images and labels, see
+tasks.dataset.dataset_versions), 1x4 panels (image | truth | prediction | errors) of the N best and N
 worst images by Dice, a row-normalised confusion matrix -> ClearML -> runs/<id>/eval/<exp>/.
 
 Outputs per split: `<split>_metrics.json`, `<split>_per_image.json` (Dice of every image),
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tasks.dataset import split_version
 from tasks.errors import InputError
 from tasks.store import (
     DatasetRef,
@@ -83,6 +85,11 @@ def recorded_dataset_uri(store: Store, run_id: str) -> str:
     if not uri:
         raise InputError(f"no --dataset given and {store.uri(key)} records no dataset uri")
     return uri
+
+
+def set_version_key(split: str) -> str:
+    """The <split>_metrics.json field holding the evaluated split's version: test_set_version, ..."""
+    return f"{split}_set_version"
 
 
 def train_digest(train_marker: dict) -> str:
@@ -323,7 +330,11 @@ def evaluate_experiment(
         run_id, "evaluate", experiment, params=inputs, session_dir=out / "clearml"
     ) as tracker:
         for split in splits:
-            doc = {"split": split, **provenance, "evaluated_at": utc_now()}
+            # The version of exactly the files evaluated (images/<split>, labels/<split>): select compares
+            # champion and challenger on it, so added train images (a new dataset version) keep them
+            # comparable.
+            doc = {"split": split, **provenance, set_version_key(split): split_version(dataset.root, split)}
+            doc["evaluated_at"] = utc_now()
             doc.update(
                 evaluate_split(split, trained.config, trained.checkpoint, dataset, n_panels, out, scratch)
             )

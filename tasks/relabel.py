@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from tasks import eda, masks, store
+from tasks import eda, masks, store, tracking
 from tasks.dataset import CLASSES, list_pairs, read_image, read_mask
 from tasks.errors import InputError
 
@@ -506,6 +506,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def report_to_clearml(tracker: tracking.Tracker, report: dict) -> None:
+    """Mask counts, repair speed and the per-class median object area before/after (scalars at
+    iteration 0): over the repaired masks and over all train masks, all components and objects only."""
+    counts = {
+        "bad_given": len(report["bad_masks"]["given"]["masks"]),
+        "bad_scored": len(report["bad_masks"]["scored"]["masks"]),
+        "relabeled": report["repaired"],
+        "changed": report["changed"],
+        "detections": report.get("detections"),
+    }
+    for key, value in counts.items():
+        if value is not None:
+            tracker.report_scalar("masks", key, value, 0)
+    for key in ("repair_seconds", "masks_per_s"):
+        if report[key] is not None:
+            tracker.report_scalar("repair speed", key, report[key], 0)
+    for scope, per_class in report["object_area_change"].items():
+        for cls, by_kind in per_class.items():
+            for kind, change in by_kind.items():
+                series = f"{cls} ({kind})"
+                if change["median_change_pct"] is not None:
+                    tracker.report_scalar(
+                        f"median object area change % ({scope} masks)", series, change["median_change_pct"], 0
+                    )
+                for when in ("before", "after"):
+                    if change[f"median_{when}"] is not None:
+                        tracker.report_scalar(
+                            f"median object area px ({scope} masks)",
+                            f"{series} {when}",
+                            change[f"median_{when}"],
+                            0,
+                        )
+
+
+def write_previews(root: Path, out_dir: Path, changes: list[dict], dest: Path, count: int = 4) -> list[Path]:
+    """Side-by-side PNGs (image | original mask | relabeled mask) of the `count` most changed masks."""
+    dest.mkdir(parents=True, exist_ok=True)
+    images = {eda.mask_key("train", m): i for i, m in list_pairs(root, "train")}
+    paths = []
+    for change in sorted(changes, key=lambda m: (-m["changed_px"], m["mask"]))[:count]:
+        if not change["changed_px"]:
+            break
+        image = read_image(images[change["mask"]])
+        name = Path(change["mask"]).name
+        panels = [
+            image.astype(np.float64) / 255,
+            eda.overlay(image, read_mask(root / change["mask"])),
+            eda.overlay(image, read_mask(out_dir / RELABELED_DIR / "train" / name)),
+        ]
+        path = dest / name
+        Image.fromarray((np.concatenate(panels, axis=1) * 255).round().astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
 def _flagged(scores: Iterable[dict], threshold: float) -> list[str]:
     return sorted(r["mask"] for r in scores if r["score"] >= threshold)
 
@@ -533,29 +588,55 @@ def main(args: argparse.Namespace) -> int:
         log.info("relabel of dataset %s already published at %s (cached)", ref.version, st.uri(prefix))
         return 0
     out_dir = store.work_dir() / "runs" / run_id / "relabel"
-    shutil.rmtree(out_dir, ignore_errors=True)  # a retry starts clean
+    preview_dir = store.work_dir() / "runs" / run_id / "relabel-previews"  # ClearML only, not published
+    for folder in (out_dir, preview_dir):
+        shutil.rmtree(folder, ignore_errors=True)  # a retry starts clean
     log.info("relabel: %s (%s) on %d train masks", plan.strategy, plan.reason, len(bad))
-    repair = build_repair()
-    result = relabel_train(ref.root, out_dir, set(bad), repair, args.tiny_area)
-    report = {
-        "dataset": {"name": ref.name, "version": ref.version, "uri": ref.uri},
+    dataset = {"name": ref.name, "version": ref.version, "uri": ref.uri}
+    params = {
+        "dataset": dataset,
         "strategy_requested": args.strategy,
         "strategy": plan.strategy,
         "strategy_reason": plan.reason,
         "models": plan.models,
-        "rule": MERGE_RULE if plan.strategy == "yolo_sam2" else MORPHOLOGY_RULE,
-        "limits": None if plan.strategy == "yolo_sam2" else MORPHOLOGY_LIMITS,
         "tiny_area": args.tiny_area,
+        "score_threshold": threshold,
         "bad_masks": {
-            "given": {"source": args.bad_masks, "masks": given},
-            "scored": {**score_source, "score_threshold": threshold, "masks": flagged},
-            "union": bad,
+            "given_source": args.bad_masks,
+            "scores_source": score_source["source"],
+            "given": len(given),
+            "scored": len(flagged),
+            "union": len(bad),
         },
-        **result,
     }
-    if isinstance(repair, YoloSam2Repair):
-        report["detections"] = repair.detections
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    repair = build_repair()  # weights that do not load end the stage before a task is opened
+    with tracking.open_task(run_id, "relabel", params=params, session_dir=out_dir / "clearml") as tracker:
+        result = relabel_train(ref.root, out_dir, set(bad), repair, args.tiny_area)
+        report = {
+            "dataset": dataset,
+            "strategy_requested": args.strategy,
+            "strategy": plan.strategy,
+            "strategy_reason": plan.reason,
+            "models": plan.models,
+            "rule": MERGE_RULE if plan.strategy == "yolo_sam2" else MORPHOLOGY_RULE,
+            "limits": None if plan.strategy == "yolo_sam2" else MORPHOLOGY_LIMITS,
+            "tiny_area": args.tiny_area,
+            "bad_masks": {
+                "given": {"source": args.bad_masks, "masks": given},
+                "scored": {**score_source, "score_threshold": threshold, "masks": flagged},
+                "union": bad,
+            },
+            **result,
+        }
+        if isinstance(repair, YoloSam2Repair):
+            report["detections"] = repair.detections
+        (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+        report_to_clearml(tracker, report)
+        if tracker.enabled:
+            for path in write_previews(ref.root, out_dir, report["masks"], preview_dir):
+                tracker.report_image("before and after relabel (image, original, relabeled)", path.stem, path)
+        tracker.upload_artifact("report", out_dir / "report.json")
+    shutil.rmtree(preview_dir, ignore_errors=True)  # ClearML holds its copies
     st.publish(out_dir, prefix, inputs)
     log.info("relabel: %d of %d repaired masks changed", result["changed"], result["repaired"])
     return 0

@@ -7,9 +7,13 @@ setting wins a full tie).
 Gate: the winner's test mDice / 100 must exceed the gate (a fraction, default 0.75), else nothing is
 promoted, winner.json/report.md say so and the step exits 3.
 Champion/challenger: the winner replaces models/production/ only if its test mDice beats the
-champion's on the same test set, i.e. the same dataset version (recorded in model_card.json;
-strictly: an equal score keeps the champion). A champion measured on another dataset version
-cannot be compared, and re-evaluating it is not this step's job (its checkpoint may come from code
+champion's on the same test set, i.e. the same test-set version (test_set_version: the content hash
+of images/test and labels/test, written by evaluate into test_metrics.json and by promotion into
+model_card.json; strictly: an equal score keeps the champion). More train or val data makes a new
+dataset version but leaves the test set, and so the comparison, unchanged. A model card or an
+evaluation written before test-set versions existed has only the whole dataset version: then the two
+dataset versions are compared instead, and the reason says so. A champion measured on another test
+set cannot be compared, and re-evaluating it is not this step's job (its checkpoint may come from code
 or a config this image no longer runs), so the gated winner is promoted and winner.json says why.
 """
 
@@ -37,6 +41,7 @@ CLASS_KEYS = ("IoU", "Dice", "Acc")
 MODEL_FAMILIES = {"DepthwiseSeparableASPPHead": "DeepLabV3+", "SegformerHead": "SegFormer"}
 # Pipeline steps that load or pack data, not augment it.
 NOT_AUGMENTATION = ("LoadImageFromFile", "LoadAnnotations", "PackSegInputs", "Resize")
+TEST_SET_VERSION = "test_set_version"  # in test_metrics.json (evaluate) and model_card.json
 TIE_BREAK = "higher val mDice; tie -> higher val mIoU; tie -> fixed order " + ", ".join(EXPERIMENTS)
 
 
@@ -192,6 +197,23 @@ def current_champion(store: st.Store) -> dict | None:
     return store.get_json(f"{st.PRODUCTION_PREFIX}/model_card.json")
 
 
+def comparison_basis(winner: Candidate, champion: dict) -> tuple[str, Any, Any, str]:
+    """(what is compared, the champion's value, the winner's value, a note) for champion/challenger.
+
+    The test-set version when both records have one; else (a model card or an evaluation written
+    before test-set versions existed) the whole dataset version, with a note saying so."""
+    theirs, ours = champion.get(TEST_SET_VERSION), winner.test.get(TEST_SET_VERSION)
+    if theirs is not None and ours is not None:
+        return "test set", theirs, ours, ""
+    older = [
+        name
+        for name, value in (("the champion's model card", theirs), ("the winner's test_metrics.json", ours))
+        if value is None
+    ]
+    note = f" ({' and '.join(older)} predates test-set versions, so whole dataset versions were compared)"
+    return "dataset version", champion.get("dataset_version"), winner.test["dataset_version"], note
+
+
 def champion_decision(winner: Candidate, champion: dict | None, run_id: str) -> tuple[bool, str]:
     """(replace the champion?, why) for a winner that passed the gate."""
     if champion is None:
@@ -205,22 +227,26 @@ def champion_decision(winner: Candidate, champion: dict | None, run_id: str) -> 
     )
     if same_model:
         return False, "the winner already is the production champion"
-    if champion.get("dataset_version") != winner.test["dataset_version"] or theirs is None:
+    basis, champion_on, winner_on, note = comparison_basis(winner, champion)
+    promote_anyway = "re-evaluating the champion is not part of this step, so the gated winner is promoted"
+    if theirs is None:
+        return True, f"not comparable: the champion's model card records no test mDice -> {promote_anyway}"
+    if champion_on != winner_on:
         return True, (
-            f"champion was tested on dataset version {champion.get('dataset_version')}, the winner on "
-            f"{winner.test['dataset_version']}: not comparable, and re-evaluating the champion is not "
-            "part of this step, so the gated winner is promoted"
+            f"not comparable: champion measured on {basis} {champion_on}, challenger on {winner_on}"
+            f"{note} -> {promote_anyway}"
         )
     if ours > theirs:
-        return True, f"winner test mDice {ours} > champion {theirs} on the same test set"
-    return False, f"winner test mDice {ours} <= champion {theirs} on the same test set: champion kept"
+        return True, f"winner test mDice {ours} > champion {theirs} on {basis} {winner_on}{note}"
+    return False, f"champion kept: winner test mDice {ours} <= champion {theirs} on {basis} {winner_on}{note}"
 
 
 def model_card(run_id: str, winner: Candidate, champion: dict | None, gate: float) -> dict:
     previous = None
     if champion is not None:
         previous = {
-            k: champion.get(k) for k in ("run_id", "experiment", "checkpoint_sha256", "dataset_version")
+            k: champion.get(k)
+            for k in ("run_id", "experiment", "checkpoint_sha256", "dataset_version", TEST_SET_VERSION)
         }
         previous["test_mDice"] = champion.get("test_metrics", {}).get("mDice")
     return {
@@ -233,6 +259,7 @@ def model_card(run_id: str, winner: Candidate, champion: dict | None, gate: floa
         "dataset_version": winner.test["dataset_version"],
         "dataset_uri": winner.test.get("dataset_uri"),
         "test_split": winner.test.get("split", "test"),
+        TEST_SET_VERSION: winner.test.get(TEST_SET_VERSION),  # the test set test_metrics were measured on
         "val_metrics": winner.val,
         "test_metrics": winner.test,
         "gate": gate,
@@ -288,8 +315,8 @@ def render_report(run_id: str, ranked: list[Candidate], failed: dict[str, str], 
         w = ranked[0]
         lines += [
             "",
-            f"## Winner: {w.experiment}, test split (dataset version {w.test.get('dataset_version')}, "
-            f"checkpoint {w.checkpoint_key})",
+            f"## Winner: {w.experiment}, test split (test set version {w.test.get(TEST_SET_VERSION)}, "
+            f"dataset version {w.test.get('dataset_version')}, checkpoint {w.checkpoint_key})",
             "",
             "| aAcc | mIoU | mAcc | mDice |",
             "|---|---|---|---|",
@@ -382,6 +409,7 @@ def select(
         "checkpoint": winner.checkpoint_key,
         "checkpoint_sha256": winner.test["checkpoint_sha256"],
         "dataset_version": winner.test["dataset_version"],
+        TEST_SET_VERSION: winner.test.get(TEST_SET_VERSION),
     }
     result["gate"] = {"threshold": gate, "value": round(fraction, 6), "passed": fraction > gate}
     if not result["gate"]["passed"]:
@@ -394,7 +422,10 @@ def select(
         "champion_test_mDice": None if champion is None else champion.get("test_metrics", {}).get("mDice"),
         "champion": None
         if champion is None
-        else {k: champion.get(k) for k in ("run_id", "experiment", "dataset_version", "promoted_at")},
+        else {
+            k: champion.get(k)
+            for k in ("run_id", "experiment", "dataset_version", TEST_SET_VERSION, "promoted_at")
+        },
     }
     if not result["gate"]["passed"]:
         result["promotion"] = {

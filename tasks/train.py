@@ -286,7 +286,9 @@ def resolve_train_labels(store: Store, run_id: str, dataset_root: Path, cache_di
         path = store.fetch(prefix, cache_dir) / "labels_sam2" / "train"
         if not path.is_dir():
             raise InputError(f"{store.uri(prefix)}: relabel outputs have no labels_sam2/train/")
-        digest = hashlib.sha256(json.dumps(marker["files"], sort_keys=True).encode()).hexdigest()[:16]
+        # the masks' checksums only: relabel's ClearML session zip differs on every run
+        masks = {rel: sha for rel, sha in marker["files"].items() if rel.startswith("labels_sam2/train/")}
+        digest = hashlib.sha256(json.dumps(masks, sort_keys=True).encode()).hexdigest()[:16]
         return TrainLabels(path, f"{store.uri(prefix)}/labels_sam2/train", digest)
     for rel in ("labels_sam2/train", "labels/train"):
         if (dataset_root / rel).is_dir():

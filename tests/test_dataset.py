@@ -11,8 +11,18 @@ import pytest
 from PIL import Image
 
 from tasks import cli, store
-from tasks.dataset import content_hash, list_pairs, read_image, read_mask, validate_dataset
+from tasks.dataset import (
+    content_hash,
+    dataset_versions,
+    list_pairs,
+    read_image,
+    read_mask,
+    split_version,
+    validate_dataset,
+)
 from tasks.errors import InputError
+
+SPLITS = ("train", "val", "test")
 
 
 @pytest.fixture()
@@ -46,6 +56,9 @@ def test_valid_dataset_prints_counts_and_version(dataset: Path, capsys: pytest.C
     }
     assert summary["version"] == content_hash(dataset)
     assert len(summary["version"]) == 16
+    assert summary["split_versions"] == {split: split_version(dataset, split) for split in SPLITS}
+    assert len(set(summary["split_versions"].values())) == 3
+    assert all(len(v) == 16 for v in summary["split_versions"].values())
     assert summary["converted"] == []
 
 
@@ -262,6 +275,34 @@ def test_version_is_content_not_location(dataset: Path, tmp_path: Path) -> None:
     assert content_hash(moved) != version
 
 
+def test_split_versions_change_only_for_the_changed_split(dataset: Path, tmp_path: Path) -> None:
+    version, splits = dataset_versions(dataset)
+    assert (version, splits) == (content_hash(dataset), {s: split_version(dataset, s) for s in SPLITS})
+
+    grown = Path(shutil.copytree(dataset, tmp_path / "grown"))
+    image, mask = first(grown)
+    shutil.copy(image, image.with_name(f"added{image.suffix}"))  # one more train sample
+    shutil.copy(mask, mask.with_name("added.png"))
+    grown_version, grown_splits = dataset_versions(grown)
+    assert grown_version != version and grown_splits["train"] != splits["train"]
+    assert (grown_splits["val"], grown_splits["test"]) == (splits["val"], splits["test"])
+    assert grown_splits["test"] == split_version(grown, "test")
+
+    # files outside images/ and labels/ change the dataset version only
+    defects = json.loads((grown / "defects.json").read_text())
+    (grown / "defects.json").write_text(json.dumps(defects[:-1]))
+    next((grown / "labels_clean" / "train").iterdir()).unlink()
+    assert content_hash(grown) != grown_version and dataset_versions(grown)[1] == grown_splits
+
+    _, test_mask = first(grown, "test")
+    values = read_mask(test_mask).copy()
+    values[0, 0] = 255 if values[0, 0] != 255 else 0
+    Image.fromarray(values).save(test_mask)
+    relabeled_version, relabeled_splits = dataset_versions(grown)
+    assert relabeled_splits["test"] != grown_splits["test"] and relabeled_version != content_hash(dataset)
+    assert (relabeled_splits["train"], relabeled_splits["val"]) == (grown_splits["train"], splits["val"])
+
+
 def test_cli_refuses_params_without_run_id_and_bad_json(dataset: Path, capsys: pytest.CaptureFixture) -> None:
     rc, _, err = run_validate(capsys, str(dataset), "--params-json", '{"a": 1}')
     assert rc == 2 and "--params-json needs --run-id" in err
@@ -285,6 +326,7 @@ def test_run_id_uploads_once_and_records_the_manifest(
     assert manifest["params"] == params
     assert manifest["dataset"]["version"] == summary["version"] == content_hash(dataset)
     assert manifest["dataset"]["splits"] == summary["splits"]
+    assert manifest["dataset"]["split_versions"] == summary["split_versions"]
     assert manifest["started_at"]
     prefix = store.dataset_prefix("ds", summary["version"])
     assert summary["uri"] == s3.uri(prefix)
@@ -294,6 +336,7 @@ def test_run_id_uploads_once_and_records_the_manifest(
     rc, out, err = run_validate(capsys, summary["uri"])
     assert rc == 0, err
     assert json.loads(out)["version"] == summary["version"]
+    assert json.loads(out)["split_versions"] == summary["split_versions"]
 
 
 def test_invalid_dataset_is_not_uploaded(

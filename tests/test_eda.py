@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import cv2
@@ -17,6 +18,20 @@ from tasks import eda
 from tasks.store import Store, stage_prefix
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_session(session_zip: Path) -> tuple[list[dict], dict]:
+    """A ClearML offline session zip: its events (metrics.jsonl) and task.json (as test_tracking reads
+    it; not imported from there, which would load torch and mmengine for these tests)."""
+    with zipfile.ZipFile(session_zip) as zf:
+        events = [
+            event
+            for line in zf.read("metrics.jsonl").decode().splitlines()
+            if line.strip()
+            for event in (json.loads(line) if line.lstrip().startswith("[") else [json.loads(line)])
+        ]
+        task = json.loads(zf.read("task.json"))
+    return events, task
 
 
 def write_dataset(root: Path, split_masks: dict[str, dict[str, np.ndarray]]) -> Path:
@@ -142,19 +157,48 @@ def test_cli_publishes_report_and_is_cached(
     st = Store.from_env()
     prefix = stage_prefix("r1", "eda")
     marker = st.marker(prefix)
+    [session] = [f for f in marker["files"] if f.startswith("clearml/")]
     assert set(marker["files"]) == {
         "report.json",
         "class_shares.png",
         "object_areas.png",
         "suspicious_masks.png",
+        session,
     }
+    assert session.startswith("clearml/offline-") and session.endswith(".zip")
     report = st.get_json(f"{prefix}/report.json")
     assert report["splits"]["train"]["images"] == 16 and report["dataset"]["version"]
     scores = [r["score"] for r in report["suspicious"]]
     assert scores == sorted(scores, reverse=True) and len(scores) == 16
+
+    # The published ClearML session: task `eda`, its params, the statistics, the plots, report.json.
+    session_zip = tmp_path / "session.zip"
+    session_zip.write_bytes(st.get_bytes(f"{prefix}/{session}"))
+    events, task = read_session(session_zip)
+    assert task["name"] == "eda"
+    params = task["hyperparams"]["params"]
+    assert params["dataset_version"]["value"] == report["dataset"]["version"]
+    assert params["scorer/tiny_area"]["value"] == "100"
+    scalars = {
+        (e["metric"], e["variant"]): e["value"] for e in events if e["type"] == "training_stats_scalar"
+    }
+    for cls in eda.CLASSES:
+        share = report["splits"]["train"]["pixel_share"][cls]
+        assert scalars[("train pixel share", cls)] == pytest.approx(share)
+    cat_areas = report["splits"]["val"]["object_areas"]["cat"]
+    assert scalars[("val cat object area (px)", "median")] == pytest.approx(cat_areas["median"])
+    assert scalars[("suspicious train masks", "flagged")] == report["flagged"]
+    images = [e for e in events if e["type"] == "training_debug_image"]
+    assert sorted(e["variant"] for e in images) == ["class_shares", "object_areas", "suspicious_masks"]
+    with zipfile.ZipFile(session_zip) as zf:
+        stored = [name for name in zf.namelist() if name.startswith("data/")]
+    assert any(name.endswith("report.json") for name in stored)
+    assert sum(name.endswith(".png") for name in stored) == 3
+
     second = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert second.returncode == 0 and "cached" in second.stderr
-    assert st.marker(prefix)["published_at"] == marker["published_at"]
+    assert "ClearML" not in second.stderr  # a cached stage opens no task
+    assert st.marker(prefix) == marker
 
 
 def test_cli_rejects_bad_tiny_area(s3_env: dict[str, str], tiny_dataset: Path) -> None:

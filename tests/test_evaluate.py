@@ -11,6 +11,7 @@ import torch
 
 from tasks import cli
 from tasks import store as st
+from tasks.dataset import split_version
 
 CLASSES = ("background", "cat", "dog")
 IGNORE = 255
@@ -140,6 +141,8 @@ def test_evaluate_end_to_end(
     assert test["experiment"] == "h1" and test["split"] == "test"
     assert test["checkpoint"] == "runs/e2e/train/h1/best.pth" and len(test["checkpoint_sha256"]) == 64
     assert test["dataset_version"] == trained["dataset_version"]
+    # the test set's own version (what select compares champion and challenger on)
+    assert test["test_set_version"] == split_version(tiny_dataset, "test")
     assert test["samples"] == len(list((tiny_dataset / "images" / "test").iterdir()))
     for key in ("aAcc", "mIoU", "mAcc", "mDice"):
         assert 0 <= test[key] <= 100, key
@@ -150,6 +153,7 @@ def test_evaluate_end_to_end(
 
     # the best checkpoint's val metrics, recomputed by evaluate, equal what training recorded for it
     val = json.loads((out / "val_metrics.json").read_text())
+    assert val["val_set_version"] == split_version(tiny_dataset, "val") != test["test_set_version"]
     assert val["best_epoch"] == trained["best_epoch"]
     assert val["mDice"] == pytest.approx(trained["mDice"], abs=0.011)
 

@@ -8,11 +8,13 @@ import os
 import socket
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import subprocess_env
+from test_eda import read_session
 
 from tasks import cli, eda, relabel
 from tasks.dataset import list_pairs, read_image, read_mask
@@ -188,7 +190,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_morphology_publishes_full_train_copy_and_never_touches_val_test(
-    tiny_dataset: Path, s3_env: dict[str, str]
+    tmp_path: Path, tiny_dataset: Path, s3_env: dict[str, str]
 ) -> None:
     before = tree_digest(tiny_dataset)
     args = ["--run-id", "r1", "--dataset", str(tiny_dataset), "--strategy", "morphology"]
@@ -199,9 +201,12 @@ def test_cli_morphology_publishes_full_train_copy_and_never_touches_val_test(
 
     st = Store.from_env()
     prefix = stage_prefix("r1", "relabel")
-    files = set(st.marker(prefix)["files"])
+    marker = st.marker(prefix)
+    files = set(marker["files"])
     train = list_pairs(tiny_dataset, "train")
-    assert files == {"report.json"} | {f"labels_sam2/train/{m.name}" for _, m in train}
+    [session] = [f for f in files if f.startswith("clearml/")]
+    assert session.startswith("clearml/offline-") and session.endswith(".zip")
+    assert files == {"report.json", session} | {f"labels_sam2/train/{m.name}" for _, m in train}
     report = st.get_json(f"{prefix}/report.json")
     given = json.loads((tiny_dataset / "defects.json").read_text())
     assert report["strategy"] == "morphology" and report["strategy_requested"] == "morphology"
@@ -217,8 +222,32 @@ def test_cli_morphology_publishes_full_train_copy_and_never_touches_val_test(
             assert body == mask_path.read_bytes()
     assert not any("val" in f or "test" in f for f in files)
 
+    # The published ClearML session: task `relabel`, the strategy used, the counts, area changes.
+    session_zip = tmp_path / "session.zip"
+    session_zip.write_bytes(st.get_bytes(f"{prefix}/{session}"))
+    events, task = read_session(session_zip)
+    assert task["name"] == "relabel"
+    params = task["hyperparams"]["params"]
+    assert params["strategy"]["value"] == "morphology" and params["tiny_area"]["value"] == "10"
+    assert params["bad_masks/union"]["value"] == str(len(report["bad_masks"]["union"]))
+    scalars = {
+        (e["metric"], e["variant"]): e["value"] for e in events if e["type"] == "training_stats_scalar"
+    }
+    assert scalars[("masks", "relabeled")] == report["repaired"] == len(report["bad_masks"]["union"])
+    assert scalars[("masks", "changed")] == report["changed"]
+    cat = report["object_area_change"]["bad"]["cat"]["all"]
+    assert scalars[("median object area px (bad masks)", "cat (all) before")] == cat["median_before"]
+    if cat["median_change_pct"] is not None:
+        assert scalars[("median object area change % (bad masks)", "cat (all)")] == cat["median_change_pct"]
+    previews = [e for e in events if e["type"] == "training_debug_image"]
+    assert 0 < len(previews) <= 4 and report["changed"] > 0
+    with zipfile.ZipFile(session_zip) as zf:
+        assert any(n.startswith("data/") and n.endswith("report.json") for n in zf.namelist())
+
     second = run_cli(*args)
     assert second.returncode == 0 and "cached" in second.stderr
+    assert "ClearML" not in second.stderr  # a cached stage opens no task
+    assert st.marker(prefix) == marker
 
 
 def test_uses_published_eda_scores_and_auto_falls_back_without_weights(

@@ -59,10 +59,17 @@ class Run:
         (out / "val_metrics.json").write_text(json.dumps(val))
         self.store.publish(out, st.stage_prefix(self.run_id, "train", experiment), {"dataset_version": "v1"})
 
-    def evaluated(self, experiment: str, test_mdice: float, dataset_version: str = "v1") -> None:
+    def evaluated(
+        self,
+        experiment: str,
+        test_mdice: float,
+        dataset_version: str = "v1",
+        test_set_version: str | None = "t1",
+    ) -> None:
         out = self.root / self.run_id / "eval" / experiment
         out.mkdir(parents=True)
         weights = self.root / self.run_id / "train" / experiment / "best.pth"
+        versions = {"test_set_version": test_set_version} if test_set_version else {}  # None: pre-change
         test = metrics(
             "test",
             experiment,
@@ -71,6 +78,7 @@ class Run:
             dataset_version=dataset_version,
             checkpoint=f"{st.stage_prefix(self.run_id, 'train', experiment)}/best.pth",
             checkpoint_sha256=hashlib.sha256(weights.read_bytes()).hexdigest(),
+            **versions,
         )
         (out / "test_metrics.json").write_text(json.dumps(test))
         self.store.publish(out, st.stage_prefix(self.run_id, "eval", experiment), {"dataset_version": "v1"})
@@ -99,8 +107,15 @@ def run(store: st.Store, tmp_path: Path, config_texts: dict[str, str]) -> Run:
     return Run(store, "run-1", tmp_path, config_texts)
 
 
-def champion(store: st.Store, tmp_path: Path, test_mdice: float, dataset_version: str = "v1") -> bytes:
-    """A production champion from an earlier run; returns its weights."""
+def champion(
+    store: st.Store,
+    tmp_path: Path,
+    test_mdice: float,
+    dataset_version: str = "v1",
+    test_set_version: str | None = "t1",
+) -> bytes:
+    """A production champion from an earlier run (test_set_version None: a card from before test-set
+    versions); returns its weights."""
     out = tmp_path / "champion"
     out.mkdir()
     weights = b"weights of the old champion"
@@ -113,6 +128,8 @@ def champion(store: st.Store, tmp_path: Path, test_mdice: float, dataset_version
         "checkpoint_sha256": hashlib.sha256(weights).hexdigest(),
         "test_metrics": {"mDice": test_mdice},
     }
+    if test_set_version is not None:
+        card["test_set_version"] = test_set_version
     (out / "model_card.json").write_text(json.dumps(card))
     store.publish(out, st.PRODUCTION_PREFIX, {"run_id": "run-0"})
     return weights
@@ -146,6 +163,7 @@ def test_winner_by_val_not_test(run: Run, store: st.Store, capsys: pytest.Captur
     card = store.get_json(f"{st.PRODUCTION_PREFIX}/model_card.json")
     assert card["experiment"] == "exp2" and card["run_id"] == "run-1"
     assert card["dataset_version"] == "v1" and card["test_metrics"]["mDice"] == 90.39
+    assert card["test_set_version"] == "t1" and winner["winner"]["test_set_version"] == "t1"
     assert "AdamW" in store.get_text(f"{st.PRODUCTION_PREFIX}/config.py")
 
     report = run.report()
@@ -198,7 +216,9 @@ def test_champion_kept_when_better_on_same_test_set(run: Run, store: st.Store, t
     assert promotion["decision"] == "champion kept" and promotion["promoted"] is False
     assert (promotion["challenger_test_mDice"], promotion["champion_test_mDice"]) == (91.5, 92.0)
     assert production_weights(store) == old
+    assert promotion["reason"] == "champion kept: winner test mDice 91.5 <= champion 92.0 on test set t1"
     assert "champion test mDice: 92.00" in run.report()
+    assert "test set version t1, dataset version v1" in run.report()
 
 
 def test_champion_replaced_when_beaten(run: Run, store: st.Store, tmp_path: Path) -> None:
@@ -211,17 +231,73 @@ def test_champion_replaced_when_beaten(run: Run, store: st.Store, tmp_path: Path
     assert production_weights(store) == b"weights of exp1 in run-1"
     card = store.get_json(f"{st.PRODUCTION_PREFIX}/model_card.json")
     assert card["previous_champion"]["run_id"] == "run-0" and card["previous_champion"]["test_mDice"] == 85.0
+    assert card["previous_champion"]["test_set_version"] == "t1" and card["test_set_version"] == "t1"
 
 
-def test_champion_on_other_dataset_version_is_replaced_with_reason(
+@pytest.mark.parametrize(("champion_mdice", "promoted"), [(92.0, False), (85.0, True)])
+def test_champion_from_a_larger_dataset_with_the_same_test_set_is_compared(
+    run: Run, store: st.Store, tmp_path: Path, champion_mdice: float, promoted: bool
+) -> None:
+    """More train images make another dataset version; the test set, and so the comparison, stays."""
+    old = champion(store, tmp_path, test_mdice=champion_mdice, dataset_version="v0-more-train")
+    run.experiment("exp2", val_mdice=93.0, val_miou=87.0, test_mdice=88.0)
+    assert run.select() == 0
+    promotion = run.winner()["promotion"]
+    assert promotion["promoted"] is promoted
+    assert "not comparable" not in promotion["reason"] and "on test set t1" in promotion["reason"]
+    assert promotion["champion"]["test_set_version"] == "t1"
+    assert production_weights(store) == (b"weights of exp2 in run-1" if promoted else old)
+
+
+def test_champion_on_another_test_set_is_replaced_with_reason(
     run: Run, store: st.Store, tmp_path: Path
 ) -> None:
-    champion(store, tmp_path, test_mdice=99.0, dataset_version="v0")
+    champion(store, tmp_path, test_mdice=99.0, test_set_version="t0")  # same dataset version label
     run.experiment("h1", val_mdice=90.0, val_miou=82.0, test_mdice=88.0)
     assert run.select() == 0
     promotion = run.winner()["promotion"]
-    assert promotion["promoted"] is True and "not comparable" in promotion["reason"]
+    assert promotion["promoted"] is True
+    assert promotion["reason"].startswith(
+        "not comparable: champion measured on test set t0, challenger on t1 -> re-evaluating the champion"
+    )
     assert production_weights(store) == b"weights of h1 in run-1"
+
+
+def test_old_champion_card_falls_back_to_the_dataset_version(
+    run: Run, store: st.Store, tmp_path: Path
+) -> None:
+    """A model card written before test-set versions: the whole dataset versions are compared."""
+    old = champion(store, tmp_path, test_mdice=99.0, test_set_version=None)
+    run.experiment("h1", val_mdice=90.0, val_miou=82.0, test_mdice=88.0)
+    assert run.select("--no-promote") == 0
+    reason = run.winner()["promotion"]["reason"]
+    assert reason.startswith("champion kept: winner test mDice 88.0 <= champion 99.0 on dataset version v1")
+    assert "the champion's model card predates test-set versions" in reason
+    assert production_weights(store) == old
+
+    run2 = Run(store, "run-2", run.root, run.config_texts)
+    run2.trained("h1", val_mdice=90.0, val_miou=82.0)
+    run2.evaluated("h1", test_mdice=88.0, dataset_version="v2")
+    assert run2.select() == 0
+    promotion = run2.winner()["promotion"]
+    assert promotion["promoted"] is True
+    assert promotion["reason"].startswith(
+        "not comparable: champion measured on dataset version v1, challenger on v2"
+    )
+    assert "predates test-set versions" in promotion["reason"]
+    assert production_weights(store) == b"weights of h1 in run-2"
+
+
+def test_old_evaluation_falls_back_to_the_dataset_version(run: Run, store: st.Store, tmp_path: Path) -> None:
+    """test_metrics.json published (and cached) before test-set versions: dataset versions are compared."""
+    champion(store, tmp_path, test_mdice=85.0)
+    run.trained("exp1", val_mdice=90.0, val_miou=82.0)
+    run.evaluated("exp1", test_mdice=88.0, test_set_version=None)
+    assert run.select() == 0
+    promotion = run.winner()["promotion"]
+    assert promotion["promoted"] is True
+    assert promotion["reason"].startswith("winner test mDice 88.0 > champion 85.0 on dataset version v1")
+    assert "the winner's test_metrics.json predates test-set versions" in promotion["reason"]
 
 
 def test_failed_experiments_are_reported(run: Run, store: st.Store, capsys: pytest.CaptureFixture) -> None:

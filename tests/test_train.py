@@ -94,6 +94,16 @@ def test_train_labels_prefer_relabel_then_labels_sam2_then_labels(
     assert chosen.path == tmp_path / "cache" / "labels_sam2" / "train"
     assert sorted(p.name for p in chosen.path.iterdir()) == sorted(p.name for p in relabel.rglob("*.png"))
     assert chosen.version and len(chosen.version) == 16
+    # a real re-run of relabel with the same masks (a new ClearML session beside them): same version
+    (relabel / "clearml").mkdir()
+    (relabel / "clearml" / "offline-new.zip").write_bytes(b"another session")
+    (relabel / "report.json").write_text('{"repaired_at": "later"}')
+    store.publish(relabel, stage_prefix("r1", "relabel"), inputs={})
+    assert resolve_train_labels(store, "r1", root, tmp_path / "cache3").version == chosen.version
+    first_mask = sorted((relabel / "labels_sam2" / "train").iterdir())[0]
+    first_mask.write_bytes(next((root / "labels" / "val").iterdir()).read_bytes())  # other masks
+    store.publish(relabel, stage_prefix("r1", "relabel"), inputs={})
+    assert resolve_train_labels(store, "r1", root, tmp_path / "cache4").version != chosen.version
     # another run id has no relabel output: back to the dataset's own labels
     assert resolve_train_labels(store, "r2", root, tmp_path / "cache2").source == "dataset:labels_sam2/train"
 
