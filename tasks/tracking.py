@@ -200,7 +200,12 @@ class Tracker:
         )
 
     def upload_artifact(self, name: str, path: Path) -> None:
-        self._safely("upload artifact", lambda task: task.upload_artifact(name, artifact_object=Path(path)))
+        # Synchronously: an upload left to ClearML's background pool was once missing from the offline
+        # session (a process that had opened and closed tasks before); our artifacts are small files.
+        self._safely(
+            "upload artifact",
+            lambda task: task.upload_artifact(name, artifact_object=Path(path), wait_on_upload=True),
+        )
 
     def close(self) -> Path | None:
         """Close the task; offline, copy the session zip into session_dir and return that copy."""

@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from clearml_session import read_session
 from conftest import subprocess_env
 from PIL import Image
 
@@ -18,20 +19,6 @@ from tasks import eda
 from tasks.store import Store, stage_prefix
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def read_session(session_zip: Path) -> tuple[list[dict], dict]:
-    """A ClearML offline session zip: its events (metrics.jsonl) and task.json (as test_tracking reads
-    it; not imported from there, which would load torch and mmengine for these tests)."""
-    with zipfile.ZipFile(session_zip) as zf:
-        events = [
-            event
-            for line in zf.read("metrics.jsonl").decode().splitlines()
-            if line.strip()
-            for event in (json.loads(line) if line.lstrip().startswith("[") else [json.loads(line)])
-        ]
-        task = json.loads(zf.read("task.json"))
-    return events, task
 
 
 def write_dataset(root: Path, split_masks: dict[str, dict[str, np.ndarray]]) -> Path:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clearml_session import read_session
 from conftest import subprocess_env
-from test_eda import read_session
 
 from tasks import cli, eda, relabel
 from tasks.dataset import list_pairs, read_image, read_mask
@@ -178,9 +178,11 @@ def test_morphology_removes_speckles_and_smooths_contours() -> None:
     assert set(np.unique(out).tolist()) == {0, 1}
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str, stage: str = "relabel") -> subprocess.CompletedProcess:
+    """A stage that gets as far as tracking runs in its own process, as in production: ClearML
+    holds one task per process, and a task closed in this test process would skew later ones."""
     return subprocess.run(
-        [sys.executable, "-m", "tasks", "relabel", *args],
+        [sys.executable, "-m", "tasks", stage, *args],
         cwd=ROOT,
         env=subprocess_env(),
         capture_output=True,
@@ -253,21 +255,11 @@ def test_cli_morphology_publishes_full_train_copy_and_never_touches_val_test(
 def test_uses_published_eda_scores_and_auto_falls_back_without_weights(
     tiny_dataset: Path, s3_env: dict[str, str]
 ) -> None:
-    assert cli.main(["eda", "--run-id", "r2", "--dataset", str(tiny_dataset)]) == 0
-    code = cli.main(
-        [
-            "relabel",
-            "--run-id",
-            "r2",
-            "--dataset",
-            str(tiny_dataset),
-            "--strategy",
-            "auto",
-            "--score-threshold",
-            "0",
-        ]
-    )
-    assert code == 0
+    scored = run_cli("--run-id", "r2", "--dataset", str(tiny_dataset), stage="eda")
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    args = ["--run-id", "r2", "--dataset", str(tiny_dataset), "--strategy", "auto", "--score-threshold", "0"]
+    relabeled = run_cli(*args)
+    assert relabeled.returncode == 0, relabeled.stderr[-3000:]
     st = Store.from_env()
     report = st.get_json(f"{stage_prefix('r2', 'relabel')}/report.json")
     assert report["strategy"] == "morphology" and report["strategy_requested"] == "auto"

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from clearml_session import read_session
 from mmengine.config import Config
 from mmengine.model import BaseModel
 from mmengine.registry import DATASETS, MODELS
@@ -101,18 +102,6 @@ def train_briefly(work_dir: Path, tracker: tracking.Tracker) -> Runner:
     runner.register_hook(tracking.TrackerHook(tracker, interval=5), priority="LOW")
     runner.train()
     return runner
-
-
-def read_session(session_zip: Path) -> tuple[list[dict], dict]:
-    with zipfile.ZipFile(session_zip) as zf:
-        events = [
-            event
-            for line in zf.read("metrics.jsonl").decode().splitlines()
-            if line.strip()
-            for event in (json.loads(line) if line.lstrip().startswith("[") else [json.loads(line)])
-        ]
-        task = json.loads(zf.read("task.json"))
-    return events, task
 
 
 def test_offline_session_holds_scalars_and_hyperparameters(tmp_path: Path) -> None:
