@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -19,7 +18,6 @@ from mmengine.config import Config
 from mmengine.model import BaseModel
 from mmengine.registry import DATASETS, MODELS
 from mmengine.runner import Runner
-from PIL import Image
 from torch import nn
 
 from tasks import mmcompat, tracking
@@ -69,6 +67,9 @@ class ColourBlobs(torch.utils.data.Dataset):
         return {"inputs": self.images[index], "labels": self.labels[index]}
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def train_briefly(work_dir: Path, tracker: tracking.Tracker) -> Runner:
     mmcompat.apply()
     import mmseg.evaluation  # noqa: F401 - registers mmseg.IoUMetric
@@ -103,20 +104,48 @@ def train_briefly(work_dir: Path, tracker: tracking.Tracker) -> Runner:
     return runner
 
 
+def run_fresh(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """A Python script in a fresh process, as a stage runs: ClearML holds one task per process and
+    keeps per-process state (offline or online, reporter threads) that earlier tasks would skew."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+OFFLINE_SESSION = """
+import json, sys
+from pathlib import Path
+from PIL import Image
+sys.path.insert(0, "tests")
+from test_tracking import train_briefly
+from tasks import tracking
+
+out = Path(sys.argv[1])
+session_dir = out / "out" / "clearml"
+tracker = tracking.open_task("run-1", "train", "h1", params={"profile": "cpu"}, session_dir=session_dir)
+assert tracker.enabled and tracker.offline
+with tracker:
+    runner = train_briefly(out / "work", tracker)
+    metrics = out / "val_metrics.json"
+    metrics.write_text(json.dumps({"mDice": runner.message_hub.get_scalar("val/mDice").current()}))
+    tracker.upload_artifact("val_metrics", metrics)
+    panel = out / "panel.png"
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(panel)
+    tracker.report_image("panels", "best", panel)
+assert tracker.close() is None  # already closed by the context manager: nothing more happens
+"""
+
+
 def test_offline_session_holds_scalars_and_hyperparameters(tmp_path: Path) -> None:
+    run_fresh(OFFLINE_SESSION, str(tmp_path))
     session_dir = tmp_path / "out" / "clearml"
-    tracker = tracking.open_task("run-1", "train", "h1", params={"profile": "cpu"}, session_dir=session_dir)
-    assert tracker.enabled and tracker.offline
-    with tracker:
-        runner = train_briefly(tmp_path / "work", tracker)
-        metrics = tmp_path / "val_metrics.json"
-        metrics.write_text(json.dumps({"mDice": runner.message_hub.get_scalar("val/mDice").current()}))
-        tracker.upload_artifact("val_metrics", metrics)
-        panel = tmp_path / "panel.png"
-        Image.new("RGB", (8, 8), (200, 30, 30)).save(panel)
-        tracker.report_image("panels", "best", panel)
-    session_zip = tracker.close()  # already closed by the context manager: nothing more happens
-    assert session_zip is None
     [session_zip] = session_dir.glob("offline-*.zip")
     events, task = read_session(session_zip)
     # the session lives where we said (conftest's CLEARML_CACHE_DIR), not in ~/.clearml
@@ -157,15 +186,8 @@ def test_a_stage_launched_by_a_clearml_process_is_its_own_task(tmp_path: Path) -
         "t = tracking.open_task('run-3', 'train', 'h1', session_dir=Path(sys.argv[1])); "
         "t.report_scalar('loss', 'train', 0.5, 1); print(t.close())"
     )
-    env = {**os.environ, "CLEARML_PROC_MASTER_ID": "1:", "TRAINS_PROC_MASTER_ID": "1:"}
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "session")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    master = {"CLEARML_PROC_MASTER_ID": "1:", "TRAINS_PROC_MASTER_ID": "1:"}
+    done = run_fresh(script, str(tmp_path / "session"), **master)
     [session_zip] = (tmp_path / "session").glob("offline-*.zip")
     assert str(session_zip) in done.stdout.splitlines()  # what close() returned
     events, task = read_session(session_zip)
@@ -195,27 +217,16 @@ print("iterations", runner.iter)
 
 
 def test_clearml_failure_is_logged_once_and_training_goes_on(tmp_path: Path) -> None:
-    # In its own process, as a stage runs: ClearML keeps per-process state (online or offline, its
-    # reporter threads) that a failed online start would leave behind in this test process.
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {
-        **os.environ,
+    online = {
         "CLEARML_OFFLINE_MODE": "0",
         "CLEARML_API_HOST": f"http://127.0.0.1:{port}",
         "CLEARML_API_ACCESS_KEY": "test-access",
         "CLEARML_API_SECRET_KEY": "test-secret",
     }
-    done = subprocess.run(
-        [sys.executable, "-c", UNREACHABLE_CLEARML, str(tmp_path)],
-        cwd=Path(__file__).resolve().parents[1],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_fresh(UNREACHABLE_CLEARML, str(tmp_path), **online)
     assert "iterations 20" in done.stdout  # training finished
     warnings = [line for line in done.stderr.splitlines() if line.startswith("tasks.tracking WARNING")]
     assert len(warnings) == 1 and "ClearML unavailable" in warnings[0], done.stderr[-3000:]
