@@ -140,7 +140,7 @@ def test_shell_metacharacters_and_templates_stay_inert(
     assert eda == ["eda", "--run-id", "manual__2026-11-25T18-00-00-00-00", "--dataset", hostile]
     relabel_cmd = render(dag.get_task("relabel"), xcoms)["command"]
     assert relabel_cmd[relabel_cmd.index("--bad-masks") + 1] == hostile
-    assert "{{ 7*7 }}" in hostile and "49" not in json.dumps(eda)
+    assert "echo {{ 7*7 }}" in eda[-1] and "echo 49" not in json.dumps(eda)  # never rendered
 
     # Run for real: the stage gets the literal path, says it is not a dataset, and nothing executes.
     validate = render(dag.get_task("validate"), xcoms)["command"]
