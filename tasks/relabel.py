@@ -592,14 +592,17 @@ def main(args: argparse.Namespace) -> int:
     for folder in (out_dir, preview_dir):
         shutil.rmtree(folder, ignore_errors=True)  # a retry starts clean
     log.info("relabel: %s (%s) on %d train masks", plan.strategy, plan.reason, len(bad))
-    dataset = {"name": ref.name, "version": ref.version, "uri": ref.uri}
-    params = {
-        "dataset": dataset,
+    # what both the ClearML parameters and report.json say of this run
+    described = {
+        "dataset": {"name": ref.name, "version": ref.version, "uri": ref.uri},
         "strategy_requested": args.strategy,
         "strategy": plan.strategy,
         "strategy_reason": plan.reason,
         "models": plan.models,
         "tiny_area": args.tiny_area,
+    }
+    params = {
+        **described,
         "score_threshold": threshold,
         "bad_masks": {
             "given_source": args.bad_masks,
@@ -613,14 +616,9 @@ def main(args: argparse.Namespace) -> int:
     with tracking.open_task(run_id, "relabel", params=params, session_dir=out_dir / "clearml") as tracker:
         result = relabel_train(ref.root, out_dir, set(bad), repair, args.tiny_area)
         report = {
-            "dataset": dataset,
-            "strategy_requested": args.strategy,
-            "strategy": plan.strategy,
-            "strategy_reason": plan.reason,
-            "models": plan.models,
+            **described,
             "rule": MERGE_RULE if plan.strategy == "yolo_sam2" else MORPHOLOGY_RULE,
             "limits": None if plan.strategy == "yolo_sam2" else MORPHOLOGY_LIMITS,
-            "tiny_area": args.tiny_area,
             "bad_masks": {
                 "given": {"source": args.bad_masks, "masks": given},
                 "scored": {**score_source, "score_threshold": threshold, "masks": flagged},

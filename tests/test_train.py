@@ -329,7 +329,8 @@ def test_killed_training_resumes_at_the_next_epoch(s3_env: dict, tiny_dataset: P
     assert proc.returncode == -signal.SIGKILL
     index = store.get_json(index_key)
     mirrored = index["epoch"]
-    assert 1 <= mirrored < 4 and store.marker(prefix) is None
+    assert store.marker(prefix) is None, "the training finished before it was killed"
+    assert 1 <= mirrored < 4
     # what the retry resumes from carries the validation state of its epoch
     checkpoint_file = tmp_path / "mirrored.pth"
     store.download_file(f"{prefix}/work/{index['checkpoint']}", checkpoint_file)
