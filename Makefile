@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint format lock clean
+.PHONY: setup system-deps demo test lint format lock clean
 
 setup: $(STAMP)
 
@@ -13,11 +13,15 @@ $(STAMP): infra/install_env.sh requirements/*.txt pyproject.toml
 	bash infra/install_env.sh $(VENV)
 	touch $(STAMP)
 
+# Debian packages for the suite's real engines and servers (Docker, ...): installed when missing.
+system-deps:
+	bash infra/system_deps.sh
+
 demo: setup
 	bash infra/demo.sh
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
-test: setup
+test: setup system-deps
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
