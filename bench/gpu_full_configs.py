@@ -49,8 +49,8 @@ from mmengine.runner import Runner
 from torch.utils.data import DataLoader
 
 from tasks import mmcompat
+from tasks.experiments import default_names, names
 from tasks.train import (
-    EXPERIMENTS,
     _published_best,
     configure_torch_threads,
     load_experiment_config,
@@ -356,7 +356,7 @@ def main() -> int:
         metavar=("TRAIN", "VAL", "TEST"),
         help="images per split of the generated dataset (256 px; default: study scale 200 120 120)",
     )
-    parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
+    parser.add_argument("--experiments", nargs="+", default=list(default_names()), choices=names())
     parser.add_argument("--batch-size", type=int, help="override the configs' batch size (smoke tests)")
     parser.add_argument(
         "--train-epochs",
@@ -372,7 +372,7 @@ def main() -> int:
         "(reported as unfinished, with their epochs and best val so far)",
     )
     # one training of --train-epochs, run by the parent: --dataset is the view, --out its row
-    parser.add_argument("--child", choices=list(EXPERIMENTS), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=names(), help=argparse.SUPPRESS)
     parser.add_argument("--work-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--gpu-share", type=float, default=1.0, help=argparse.SUPPRESS)
     args = parser.parse_args()

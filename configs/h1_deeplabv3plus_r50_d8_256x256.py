@@ -5,3 +5,15 @@ _base_ = [
     "./_base_/default_runtime.py",
     "./_base_/schedules/schedule_80e.py",
 ]
+
+# What the report and the params form say about this experiment (read by tasks.experiments,
+# never executed there).
+EXPERIMENT = dict(
+    name="h1",
+    order=1,
+    default=True,
+    hypothesis="baseline: DeepLabV3+ R50 with the ComboLoss, flip only",
+    model="DeepLabV3+ (DepthwiseSeparableASPPHead), ResNetV1c-50; SGD lr 0.01",
+    augmentation="RandomFlip 0.5",
+    weighting="none",
+)

@@ -12,3 +12,15 @@ model = dict(
     ),
     auxiliary_head=dict(loss_decode=dict(class_weight=class_weight)),
 )
+
+# What the report and the params form say about this experiment (read by tasks.experiments,
+# never executed there).
+EXPERIMENT = dict(
+    name="h2",
+    order=2,
+    default=True,
+    hypothesis="H1 + CrossEntropy class weights against the background's 90% share",
+    model="DeepLabV3+ (DepthwiseSeparableASPPHead), ResNetV1c-50; SGD lr 0.01",
+    augmentation="RandomFlip 0.5",
+    weighting="CE class_weight [0.0585, 1.0, 1.0]",
+)

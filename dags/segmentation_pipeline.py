@@ -84,13 +84,15 @@ PARAMS = {
         ),
     ),
     "experiments": Param(
-        list(runners.EXPERIMENTS),
+        list(runners.DEFAULT_EXPERIMENTS),
         type="array",
         items={"type": "string", "enum": list(runners.EXPERIMENTS)},
         minItems=1,
         uniqueItems=True,
         title="Experiments",
-        description="Which study experiments to train (in parallel, one GPU each): h1, h2, exp1, exp2.",
+        description="Which experiments to train (in parallel, one GPU each), one per file under configs/: "
+        + "; ".join(f"{e.name}: {e.hypothesis}" for e in runners.experiments.catalogue().values())
+        + ".",
     ),
     "profile": Param(
         SETTINGS.default_profile,

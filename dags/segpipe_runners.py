@@ -1,6 +1,7 @@
 """How the DAG `segmentation_pipeline` runs each stage's one command line: settings, plans, runners.
 
-Airflow side only (no torch/mmseg import). The DAG file is wiring; this module holds the parts worth
+Airflow side only (no torch/mmseg import; of tasks/ only tasks.experiments, which reads the experiment
+files' metadata with the standard library). The DAG file is wiring; this module holds the parts worth
 testing on their own:
 
 - `Settings.from_env()`: parse-time configuration (runner, images, bucket, schedule, defaults).
@@ -32,7 +33,10 @@ from airflow.sdk import BaseHook, BaseOperator, Variable
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowNotFoundException
 from docker.types import DeviceRequest
 
-EXPERIMENTS = ("h1", "h2", "exp1", "exp2")
+from tasks import experiments
+
+EXPERIMENTS = experiments.names()  # one per file under configs/, in the fixed order
+DEFAULT_EXPERIMENTS = experiments.default_names()
 PROFILES = ("full", "cpu")
 RELABEL_STRATEGIES = ("yolo_sam2", "morphology", "auto")
 RUNNERS = ("local", "docker")

@@ -29,8 +29,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tasks import experiments
 from tasks.dataset import split_version
 from tasks.errors import InputError
+from tasks.experiments import SUMMARY_KEYS
 from tasks.store import (
     DatasetRef,
     Store,
@@ -43,8 +45,8 @@ from tasks.store import (
     work_dir,
 )
 from tasks.train import (
-    EXPERIMENTS,
     configure_torch_threads,
+    experiment_config_path,
     fetch_training_outputs,
     metrics_from_flat,
     set_data_root,
@@ -110,6 +112,7 @@ def run_split(
     from tasks.metrics import SampleKeepingIoUMetric
 
     cfg = Config.fromfile(config_path)  # the published resolved config (imports tasks.mmseg_setup)
+    experiments.apply_test_time_augmentation(cfg)  # only experiments that define tta_model/tta_pipeline
     set_data_root(cfg, dataset_root)
     cfg.test_dataloader.dataset.data_prefix = dict(img_path=f"images/{split}", seg_map_path=f"labels/{split}")
     evaluator = dict(cfg.test_evaluator)
@@ -277,8 +280,7 @@ def evaluate_experiment(
 ) -> dict:
     """Evaluate (or reuse) one experiment's best checkpoint; returns a summary of what was published."""
     check_run_id(run_id)
-    if experiment not in EXPERIMENTS:
-        raise InputError(f"unknown experiment {experiment!r}: expected one of {', '.join(EXPERIMENTS)}")
+    experiment_config_path(experiment)  # InputError for an unknown experiment
     if n_panels < 0:
         raise InputError(f"--panels must be 0 or more (got {n_panels})")
     store = store or Store.from_env()
@@ -342,7 +344,7 @@ def evaluate_experiment(
             path.write_text(json.dumps(doc, indent=2) + "\n")
             report_to_clearml(tracker, split, doc, out)
             tracker.upload_artifact(f"{split}_metrics", path)
-            results[split] = {key: doc[key] for key in ("aAcc", "mIoU", "mAcc", "mDice")}
+            results[split] = {key: doc[key] for key in SUMMARY_KEYS}
             log.info("%s %s: %s", experiment, split, results[split])
     shutil.rmtree(scratch, ignore_errors=True)  # runner logs: the metrics JSON and ClearML hold what matters
     store.publish(out, prefix, inputs)
@@ -351,7 +353,7 @@ def evaluate_experiment(
 
 def report_to_clearml(tracker: Tracker, split: str, doc: dict, out: Path) -> None:
     """Scalars (summary, per class) and images (panels, confusion matrix) to ClearML."""
-    for key in ("aAcc", "mIoU", "mAcc", "mDice"):
+    for key in SUMMARY_KEYS:
         tracker.report_scalar(f"{split} metrics", key, doc[key], 0)
     for cls, values in doc["per_class"].items():
         for key, value in values.items():
@@ -367,7 +369,9 @@ def report_to_clearml(tracker: Tracker, split: str, doc: dict, out: Path) -> Non
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--experiment", required=True, choices=sorted(EXPERIMENTS), help="study experiment")
+    parser.add_argument(
+        "--experiment", required=True, choices=experiments.names(), help="experiment (a file under configs/)"
+    )
     parser.add_argument("--run-id", required=True, help="pipeline run id")
     parser.add_argument(
         "--split", default="test", help="split to evaluate: test (default), val, or both as val,test"

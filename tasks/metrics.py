@@ -16,9 +16,8 @@ import numpy as np
 from mmseg.evaluation import IoUMetric  # mmseg's metrics import no mmcv op: no mmcompat needed first
 from mmseg.registry import METRICS
 
+from tasks.experiments import SUMMARY_KEYS
 from tasks.mmseg_setup import PerClassIoUMetric
-
-SUMMARY_KEYS = ("aAcc", "mIoU", "mAcc", "mDice")
 
 
 @dataclass

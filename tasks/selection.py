@@ -2,8 +2,9 @@
 
 Rule (the study's): the winner is the experiment with the highest validation mDice. Test metrics are
 reported, never used to choose. Ties (mmseg reports 2 decimals, so equal values happen) go to the
-higher val mIoU, then to the earlier experiment in the fixed order h1, h2, exp1, exp2 (the simpler
-setting wins a full tie).
+higher val mIoU, then to the earlier experiment in the fixed order of tasks.experiments (each file's
+`order`, then its name: h1, h2, exp1, exp2, ...; the simpler setting wins a full tie), defined for
+any set of experiment files.
 Gate: the winner's test mDice / 100 must exceed the gate (a fraction, default 0.75), else nothing is
 promoted, winner.json/report.md say so and the step exits 3.
 Champion/challenger: the winner replaces models/production/ only if its test mDice beats the
@@ -28,21 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks import experiments as ex
 from tasks import store as st
 from tasks.errors import InputError, QualityGateError
+from tasks.experiments import PER_CLASS_KEYS, SUMMARY_KEYS
 
 log = logging.getLogger(__name__)
 
-EXPERIMENTS = ("h1", "h2", "exp1", "exp2")  # also the last tie-break: earlier wins
 DEFAULT_GATE = 0.75
-SUMMARY_KEYS = ("aAcc", "mIoU", "mAcc", "mDice")
-CLASS_KEYS = ("IoU", "Dice", "Acc")
-# Friendly names of the decode heads the study compares (the configs hold the rest).
-MODEL_FAMILIES = {"DepthwiseSeparableASPPHead": "DeepLabV3+", "SegformerHead": "SegFormer"}
-# Pipeline steps that load or pack data, not augment it.
-NOT_AUGMENTATION = ("LoadImageFromFile", "LoadAnnotations", "PackSegInputs", "Resize")
 TEST_SET_VERSION = "test_set_version"  # in test_metrics.json (evaluate) and model_card.json
-TIE_BREAK = "higher val mDice; tie -> higher val mIoU; tie -> fixed order " + ", ".join(EXPERIMENTS)
+TIE_BREAK = "higher val mDice; tie -> higher val mIoU; tie -> fixed order " + ", ".join(ex.names())
 
 
 class NoCandidateError(RuntimeError):
@@ -59,7 +55,7 @@ class Candidate:
     rank: int = 0
 
     def sort_key(self) -> tuple:
-        return (-self.val["mDice"], -self.val["mIoU"], EXPERIMENTS.index(self.experiment))
+        return (-self.val["mDice"], -self.val["mIoU"], ex.get(self.experiment).sort_key())
 
     def val_class(self, cls: str, key: str) -> float | None:
         return self.val["per_class"].get(cls, {}).get(key)
@@ -70,9 +66,9 @@ class Candidate:
 
 def parse_experiments(text: str) -> list[str]:
     names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    unknown = [n for n in names if n not in EXPERIMENTS]
+    unknown = [n for n in names if n not in ex.catalogue()]
     if not names or unknown:
-        raise InputError(f"--experiments {text!r}: expected a comma list of {', '.join(EXPERIMENTS)}")
+        raise InputError(f"--experiments {text!r}: expected a comma list of {', '.join(ex.names())}")
     return names
 
 
@@ -91,47 +87,6 @@ def _check_metrics(doc: Any, key: str, text_keys: tuple[str, ...] = ()) -> list[
     if not isinstance(per_class, dict) or not all(isinstance(v, dict) for v in per_class.values()):
         problems.append(f"{key}: 'per_class' missing or not a mapping of class -> metrics")
     return problems
-
-
-def describe_config(config_text: str, key: str) -> dict[str, str]:
-    """model / augmentation / weighting of an experiment, read from its published resolved config."""
-    from mmengine.config import Config
-
-    with tempfile.TemporaryDirectory(dir=st.work_dir()) as tmp:
-        path = Path(tmp) / "config.py"
-        path.write_text(config_text)
-        try:
-            # no custom_imports: reading settings needs no registry (and select stays free of mmseg)
-            return _describe(Config.fromfile(path, import_custom_modules=False))
-        except Exception as err:  # a syntax error or a missing setting: name the file and the problem
-            raise InputError(
-                f"{key}: cannot describe this mmseg config ({type(err).__name__}: {err})"
-            ) from err
-
-
-def _describe(cfg) -> dict[str, str]:
-    head, backbone = cfg.model.decode_head, cfg.model.backbone
-    family = MODEL_FAMILIES.get(head.type, head.type)
-    depth = f"-{backbone.depth}" if "depth" in backbone else ""
-    optimizer = cfg.optim_wrapper.optimizer
-    model = f"{family} ({head.type}), {backbone.type}{depth}; {optimizer.type} lr {optimizer.lr:g}"
-    if optimizer.get("weight_decay"):
-        model += f" wd {optimizer.weight_decay:g}"
-
-    dataset = cfg.train_dataloader.dataset
-    while "pipeline" not in dataset and "dataset" in dataset:  # dataset wrappers (RepeatDataset, ...)
-        dataset = dataset.dataset
-    pipeline = dataset.pipeline
-    steps = [
-        f"RandomFlip {t.get('prob')}" if t.type == "RandomFlip" else t.type
-        for t in pipeline
-        if t.type not in NOT_AUGMENTATION
-    ]
-
-    losses = head.loss_decode if isinstance(head.loss_decode, list) else [head.loss_decode]
-    weights = [loss.class_weight for loss in losses if loss.get("class_weight")]
-    weighting = f"CE class_weight {list(weights[0])}" if weights else "none"
-    return {"model": model, "augmentation": " + ".join(steps) or "none", "weighting": weighting}
 
 
 def load_candidate(store: st.Store, run_id: str, experiment: str) -> Candidate | str:
@@ -172,12 +127,8 @@ def load_candidate(store: st.Store, run_id: str, experiment: str) -> Candidate |
             f"{store.uri(test_key)} evaluated another version of {store.uri(checkpoint_key)} "
             "(stale evaluation: re-run evaluate)"
         )
-    config_key = f"{train_prefix}/config.py"
-    try:
-        description = describe_config(store.get_text(config_key), store.uri(config_key))
-    except InputError as err:
-        return str(err)
-    return Candidate(experiment, val, test, checkpoint_key, description)
+    # what the experiment's file says it tests (tasks.experiments); the config in the store is never read
+    return Candidate(experiment, val, test, checkpoint_key, ex.get(experiment).description())
 
 
 # ---------------------------------------------------------------- the decision
@@ -300,14 +251,18 @@ def render_report(run_id: str, ranked: list[Candidate], failed: dict[str, str], 
         "",
         "## Comparison (validation split)",
         "",
-        "| experiment | model | augmentation | weighting | val mDice | val mIoU | cat Dice | dog Dice "
-        "| best epoch | rank |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "Each experiment as its file under configs/ describes it (the full profile's settings; "
+        "another profile, e.g. cpu, shrinks model and schedule: configs/profiles/).",
+        "",
+        "| experiment | tests | model | augmentation | weighting | profile | val mDice | val mIoU "
+        "| cat Dice | dog Dice | best epoch | rank |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in ranked:
         d = c.description
         lines.append(
-            f"| {c.experiment} | {d['model']} | {d['augmentation']} | {d['weighting']} "
+            f"| {c.experiment} | {d['hypothesis']} | {d['model']} | {d['augmentation']} | {d['weighting']} "
+            f"| {_fmt(c.val.get('profile'))} "
             f"| {_fmt(c.val['mDice'])} | {_fmt(c.val['mIoU'])} | {_fmt(c.val_class('cat', 'Dice'))} "
             f"| {_fmt(c.val_class('dog', 'Dice'))} | {_fmt(c.val.get('best_epoch'))} | {c.rank} |"
         )
@@ -326,7 +281,7 @@ def render_report(run_id: str, ranked: list[Candidate], failed: dict[str, str], 
             "|---|---|---|---|",
         ]
         for cls, values in w.test["per_class"].items():
-            lines.append(f"| {cls} | " + " | ".join(_fmt(values.get(k)) for k in CLASS_KEYS) + " |")
+            lines.append(f"| {cls} | " + " | ".join(_fmt(values.get(k)) for k in PER_CLASS_KEYS) + " |")
         gate = result["gate"]
         verdict = "passed" if gate["passed"] else "FAILED: nothing promoted"
         lines += [
@@ -507,8 +462,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--experiments",
-        default=",".join(EXPERIMENTS),
-        help=f"comma list of experiments to compare (default {','.join(EXPERIMENTS)})",
+        default=",".join(ex.default_names()),
+        help=f"comma list of experiments to compare (default {','.join(ex.default_names())})",
     )
     parser.add_argument("--no-promote", action="store_true", help="decide and report; never touch production")
 

@@ -33,8 +33,10 @@ from typing import Any
 from mmengine.config import Config, DictAction
 from mmengine.hooks import Hook
 
-from tasks import mmcompat
+from tasks import experiments, mmcompat
+from tasks.dataset import SPLITS
 from tasks.errors import InputError
+from tasks.experiments import PER_CLASS_KEYS, SUMMARY_KEYS
 from tasks.store import (
     Store,
     check_run_id,
@@ -47,20 +49,10 @@ from tasks.store import (
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-PROFILE_DIR = CONFIG_DIR / "profiles"
-EXPERIMENTS = {
-    "h1": "h1_deeplabv3plus_r50_d8_256x256.py",
-    "h2": "h2_deeplabv3plus_r50_d8_256x256.py",
-    "exp1": "exp1_deeplabv3plus_r50_d8_256x256.py",
-    "exp2": "exp2_segformer_b2_256x256.py",
-}
+PROFILE_DIR = experiments.CONFIG_DIR / "profiles"
 PROFILES = ("full", "cpu")
-SPLITS = ("train", "val", "test")
 BEST_INFO_KEY = "best_val"  # message-hub entry: the best epoch's checkpoint name, epoch and metrics
 MIRROR_INDEX = "mirror.json"  # written last: the mirror's files, epoch and inputs
-SUMMARY_KEYS = ("aAcc", "mIoU", "mAcc", "mDice")
-PER_CLASS_KEYS = ("IoU", "Dice", "Acc")
 # A --cfg-options key: dotted names, list items by index (custom_hooks.0.patience). The DAG's params
 # schema holds the same rule (dags/segpipe_runners.py CFG_OPTION_KEY; tests/test_dag_params.py).
 CFG_OPTION_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*")
@@ -79,9 +71,11 @@ OWNED_KEYS = {
 
 
 def experiment_config_path(experiment: str) -> Path:
-    if experiment not in EXPERIMENTS:
-        raise InputError(f"unknown experiment {experiment!r}: expected one of {', '.join(EXPERIMENTS)}")
-    return CONFIG_DIR / EXPERIMENTS[experiment]
+    """The experiment's file under configs/ (tasks.experiments); InputError for an unknown name."""
+    try:
+        return experiments.get(experiment).config_file
+    except KeyError as err:
+        raise InputError(err.args[0]) from None
 
 
 def set_data_root(cfg: Config, dataset_root: Path) -> Config:
@@ -594,7 +588,9 @@ def _run_and_publish(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--experiment", required=True, choices=sorted(EXPERIMENTS), help="study experiment")
+    parser.add_argument(
+        "--experiment", required=True, choices=experiments.names(), help="experiment (a file under configs/)"
+    )
     parser.add_argument("--run-id", required=True, help="pipeline run id")
     parser.add_argument("--dataset", required=True, help="dataset: local dir or s3://<bucket>/<prefix>")
     parser.add_argument(
