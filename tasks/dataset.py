@@ -120,7 +120,29 @@ def read_mask(path: Path) -> np.ndarray:
     return values.astype(np.uint8, copy=False)
 
 
-# ---------------------------------------------------------------- layout
+# ---------------------------------------------------------------- layout: what a sample is
+#
+# THE definition of a sample, shared by validate, EDA, relabel and the mmseg dataset the configs
+# use (tasks.mmseg_setup.StudyDataset): an image <stem><IMAGE_SUFFIXES> in an image folder and a mask
+# <stem><MASK_SUFFIXES> with the same stem in the mask folder, suffixes compared without case (.JPG,
+# .jpeg, .PNG count). Anything else in a split folder is a problem, never skipped.
+
+
+def shown_name(name: str) -> str:
+    """A file name as it can be printed: bytes that are not UTF-8 as \\x.. escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # os.scandir/os.walk hand undecodable bytes over as surrogates
+        return False
+    return True
+
+
+def _not_utf8(rel: str) -> str:
+    return f"{shown_name(rel)}: file name is not valid UTF-8 (object keys need UTF-8): rename it"
 
 
 def _index(root: Path, directory: str, suffixes: tuple[str, ...]) -> tuple[dict[str, Path], list[str]]:
@@ -131,7 +153,9 @@ def _index(root: Path, directory: str, suffixes: tuple[str, ...]) -> tuple[dict[
         for entry in sorted(entries, key=lambda e: e.name):
             rel = f"{directory}/{entry.name}"
             stem, suffix = os.path.splitext(entry.name)
-            if not entry.is_file():
+            if not _utf8(entry.name):
+                problems.append(_not_utf8(rel))
+            elif not entry.is_file():
                 problems.append(f"{rel}: not a file (a split folder holds only {'/'.join(suffixes)} files)")
             elif suffix.lower() not in suffixes:
                 problems.append(f"{rel}: unexpected file type, expected {'/'.join(suffixes)}")
@@ -150,9 +174,8 @@ class _SplitIndex:
     problems: list[str] = field(default_factory=list)
 
 
-def _split_index(root: Path, split: str, labels_dir: str, required: bool = True) -> _SplitIndex | None:
-    """Match images/<split> with <labels_dir>/<split> by stem; None when an optional folder is absent."""
-    image_dir, mask_dir = f"images/{split}", f"{labels_dir}/{split}"
+def _pair_index(root: Path, image_dir: str, mask_dir: str, required: bool = True) -> _SplitIndex | None:
+    """Match image_dir with mask_dir (relative to root) by stem; None when an optional folder is absent."""
     has_images, has_masks = (root / image_dir).is_dir(), (root / mask_dir).is_dir()
     if not has_masks and not required:
         return None
@@ -182,12 +205,20 @@ def _split_index(root: Path, split: str, labels_dir: str, required: bool = True)
     return index
 
 
-def list_pairs(root: Path, split: str, labels_dir: str = "labels") -> list[tuple[Path, Path]]:
-    """(image, mask) paths of a split sorted by stem; InputError if the split is not fully paired."""
-    index = _split_index(Path(root), split, labels_dir)
+def list_samples(root: Path, image_dir: str, mask_dir: str) -> list[tuple[Path, Path]]:
+    """(image, mask) paths of the samples in root/image_dir and root/mask_dir, sorted by stem.
+
+    InputError (one line per file, named relative to root) unless every file is part of a sample.
+    """
+    index = _pair_index(Path(root), image_dir, mask_dir)
     if index.problems:
         raise InputError(index.problems)
     return index.pairs
+
+
+def list_pairs(root: Path, split: str, labels_dir: str = "labels") -> list[tuple[Path, Path]]:
+    """(image, mask) paths of a split sorted by stem; InputError if the split is not fully paired."""
+    return list_samples(root, f"images/{split}", f"{labels_dir}/{split}")
 
 
 # ---------------------------------------------------------------- validation
@@ -250,10 +281,10 @@ def validate_dataset(root: Path, splits: Iterable[str] = SPLITS) -> dict:
     converted: list[dict] = []
     summary_splits: dict[str, dict] = {}
     for split in splits:
-        index = _split_index(root, split, "labels")
+        index = _pair_index(root, f"images/{split}", f"labels/{split}")
         counts = {"images": index.images, "masks": index.masks}
         jobs = [(image, mask, True) for image, mask in index.pairs]
-        relabeled = _split_index(root, split, "labels_sam2", required=False)
+        relabeled = _pair_index(root, f"images/{split}", f"labels_sam2/{split}", required=False)
         if relabeled is not None:
             counts["masks_sam2"] = relabeled.masks
             # A relabeled copy replaces labels/ for training: it must cover every image, not a subset.
@@ -282,15 +313,24 @@ def validate_dataset(root: Path, splits: Iterable[str] = SPLITS) -> dict:
 # ---------------------------------------------------------------- version
 
 
-def _hashed_files(
+def dataset_files(
     root: Path, dirs: Iterable[str] = HASHED_DIRS, names: Iterable[str] = HASHED_FILES
 ) -> list[str]:
+    """The dataset's own files, as sorted paths relative to root: what its version covers and what is
+    uploaded (HASHED_DIRS, HASHED_FILES; a `.env` or notes beside them are neither). InputError
+    naming every file or folder whose name is not UTF-8 (it could be neither hashed nor a key)."""
+    root = Path(root)
     found = [name for name in names if (root / name).is_file()]
+    problems = []
     for top in dirs:
         for folder, subdirs, files in os.walk(root / top):
             subdirs.sort()
             rel_folder = Path(folder).relative_to(root).as_posix()
-            found += [f"{rel_folder}/{name}" for name in files]
+            for name in files:
+                rel = f"{rel_folder}/{name}"
+                (found if _utf8(rel) else problems).append(rel)
+    if problems:
+        raise InputError([_not_utf8(rel) for rel in sorted(problems)])
     return sorted(found)
 
 
@@ -329,7 +369,7 @@ def dataset_versions(root: Path) -> tuple[str, dict[str, str]]:
     The dataset version covers everything the pipeline reads (HASHED_DIRS, HASHED_FILES); a split's
     version covers only images/<split>/ and labels/<split>/ (its samples and their reference masks,
     what evaluation on that split reads), so adding train images leaves the test version unchanged."""
-    versions = _hash_files(Path(root), _hashed_files(Path(root)))
+    versions = _hash_files(Path(root), dataset_files(Path(root)))
     return versions.pop(None), versions
 
 
@@ -345,7 +385,7 @@ def split_version(root: Path, split: str) -> str:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}")
     root = Path(root)
-    files = _hashed_files(root, [f"{top}/{split}" for top in SPLIT_DIRS], names=())
+    files = dataset_files(root, [f"{top}/{split}" for top in SPLIT_DIRS], names=())
     return _hash_files(root, files)[split]
 
 

@@ -110,6 +110,7 @@ def run_split(
     from mmengine.runner import Runner
 
     from tasks.metrics import SampleKeepingIoUMetric
+    from tasks.mmseg_setup import check_loaded_samples
 
     cfg = Config.fromfile(config_path)  # the published resolved config (imports tasks.mmseg_setup)
     experiments.apply_test_time_augmentation(cfg)  # only experiments that define tta_model/tta_pipeline
@@ -122,6 +123,7 @@ def run_split(
     # unique: mmengine keeps one logger/visualizer per experiment name for the whole process
     cfg.experiment_name = f"evaluate_{cfg.get('experiment', 'model')}_{split}_{time.time_ns()}"
     runner = Runner.from_cfg(cfg)
+    check_loaded_samples(runner.test_dataloader.dataset, dataset_root, split, "evaluation")
     flat = runner.test()
     metric = runner.test_loop.evaluator.metrics[0]
     classes = tuple(runner.test_dataloader.dataset.metainfo["classes"])

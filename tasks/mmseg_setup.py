@@ -2,8 +2,12 @@
 
 Loading any config under configs/ imports this module, so train, evaluate and the bench all get
 the same three registrations (and mmcompat applied) without a separate setup call:
-- `StudyDataset`: the study's folder layout (images/<split>, labels/<split>), .jpg and .png images
-  side by side (the study has jpg, the generated dataset png), classes from tasks.dataset.
+- `StudyDataset`: the study's folder layout (images/<split>, labels/<split>); its samples are exactly
+  what `tasks.dataset.list_samples` (validate's definition) finds: .jpg/.jpeg/.png images of any
+  case side by side, .png/.PNG masks. `check_loaded_samples` proves it at run time.
+- `PadToCrop`: mmcv's Pad to the crop size that also records where it padded, so that images of
+  any size share one batch and mmseg cuts the padding off each prediction (the size policy in
+  configs/_base_/datasets/study_256x256.py).
 - `PerClassIoUMetric`: mmseg's IoUMetric that also returns the per-class values it otherwise only
   prints, so the per-class table of the best epoch is available without another validation pass.
 - `ResumableEarlyStoppingHook`: mmengine's EarlyStoppingHook that keeps its patience counter in the
@@ -13,64 +17,117 @@ the same three registrations (and mmcompat applied) without a separate setup cal
 from __future__ import annotations
 
 import math
-import os
 import os.path as osp
+from pathlib import Path
 
 from tasks import mmcompat
 
 mmcompat.apply()  # before the first mmseg import: mmseg imports mmcv.ops unguarded
 
+from mmcv.transforms import Pad  # noqa: E402
 from mmengine.hooks import EarlyStoppingHook  # noqa: E402
 from mmseg.datasets import BaseSegDataset  # noqa: E402
 from mmseg.evaluation import IoUMetric  # noqa: E402
-from mmseg.registry import DATASETS, HOOKS, METRICS  # noqa: E402
+from mmseg.registry import DATASETS, HOOKS, METRICS, TRANSFORMS  # noqa: E402
 
-from tasks.dataset import CLASSES, IGNORE_INDEX  # noqa: E402
+from tasks.dataset import (  # noqa: E402
+    CLASSES,
+    IGNORE_INDEX,
+    IMAGE_SUFFIXES,
+    MASK_SUFFIXES,
+    list_pairs,
+    list_samples,
+)
 from tasks.errors import InputError  # noqa: E402
 
 # background black, cat and dog in colours that stay apart in panels and the MinIO console
 PALETTE = [[0, 0, 0], [220, 120, 20], [40, 110, 230]]
-IMAGE_SUFFIXES = (".jpg", ".png")
 
 
 @DATASETS.register_module()
 class StudyDataset(BaseSegDataset):
-    """images/<split>/<stem>.jpg|png with labels/<split>/<stem>.png (values 0..2, 255 ignored)."""
+    """The samples `tasks.dataset.list_samples` finds in data_prefix's image and mask folders.
+
+    The suffixes are tasks.dataset's (IMAGE_SUFFIXES, MASK_SUFFIXES, any case), not parameters: a
+    config cannot make training read another set of samples than validate checked.
+    """
 
     METAINFO = dict(classes=CLASSES, palette=PALETTE)
 
-    def __init__(self, img_suffix: tuple[str, ...] = IMAGE_SUFFIXES, **kwargs) -> None:
+    def __init__(self, **kwargs) -> None:
         kwargs.setdefault("ignore_index", IGNORE_INDEX)
-        super().__init__(img_suffix=tuple(img_suffix), **kwargs)
+        super().__init__(img_suffix=IMAGE_SUFFIXES, seg_map_suffix=MASK_SUFFIXES[0], **kwargs)
 
     def load_data_list(self) -> list[dict]:
-        img_dir = self.data_prefix["img_path"]
-        ann_dir = self.data_prefix["seg_map_path"]
-        if not osp.isdir(img_dir):
-            raise InputError(f"{img_dir}: image folder missing")
-        data_list, missing = [], []
-        for name in sorted(f for f in _listdir(img_dir) if f.lower().endswith(self.img_suffix)):
-            seg_map = osp.join(ann_dir, osp.splitext(name)[0] + self.seg_map_suffix)
-            if not osp.isfile(seg_map):
-                missing.append(f"{seg_map}: mask missing for image {osp.join(img_dir, name)}")
-            data_list.append(
-                dict(
-                    img_path=osp.join(img_dir, name),
-                    seg_map_path=seg_map,
-                    label_map=self.label_map,
-                    reduce_zero_label=self.reduce_zero_label,
-                    seg_fields=[],
-                )
+        root = Path(self.data_root or ".")
+        folders = [osp.relpath(self.data_prefix[key], root) for key in ("img_path", "seg_map_path")]
+        try:
+            pairs = list_samples(root, *folders)
+        except InputError as err:  # name the files where this dataset reads them
+            raise InputError([f"{root}/{problem}" for problem in err.problems]) from None
+        return [
+            dict(
+                img_path=str(image),
+                seg_map_path=str(mask),
+                label_map=self.label_map,
+                reduce_zero_label=self.reduce_zero_label,
+                seg_fields=[],
             )
-        if missing:
-            raise InputError(missing)
-        if not data_list:
-            raise InputError(f"{img_dir}: no {' or '.join(self.img_suffix)} images")
-        return data_list
+            for image, mask in pairs
+        ]
 
 
-def _listdir(path: str) -> list[str]:
-    return [e.name for e in os.scandir(path) if e.is_file()]  # follows the dataset view's symlinks
+def check_loaded_samples(dataset: BaseSegDataset, root: Path, split: str, stage: str) -> None:
+    """InputError (exit 2) naming each difference unless `dataset` holds exactly the samples of
+    `split` that validate counts in root (tasks.dataset.list_pairs on the same, pinned, files).
+
+    Guards what the shared definition alone cannot: a config that selects a subset (`indices`),
+    points a loader elsewhere or filters samples.
+    """
+    root = Path(root)
+    expected = {(str(i), str(m)) for i, m in list_pairs(root, split)}
+    infos = [dataset.get_data_info(i) for i in range(len(dataset))]
+    loaded = [(str(info["img_path"]), str(info["seg_map_path"])) for info in infos]
+    problems = [
+        f"{osp.relpath(image, root)}: validated but not loaded by {stage} ({split} split)"
+        for image, _ in sorted(expected - set(loaded))
+    ]
+    problems += [
+        f"{osp.relpath(image, root)}: loaded by {stage} but not a validated {split} sample (mask {mask})"
+        for image, mask in sorted(set(loaded) - expected)
+    ]
+    if len(loaded) != len(set(loaded)):
+        problems.append(f"{stage}: the {split} dataset loads some samples more than once")
+    if problems:
+        head = f"{stage}: {len(loaded)} {split} samples loaded, {len(expected)} validated in {root}"
+        raise InputError([head, *problems])
+
+
+@TRANSFORMS.register_module()
+class PadToCrop(Pad):
+    """Pad the image (and the masks loaded so far) at the bottom and right to crop_size (h, w).
+
+    Besides mmcv's Pad keys it records `img_padding_size` = [left, right, top, bottom], the key
+    mmseg's segmentors read to cut the padding off a prediction before resizing it to the mask's
+    own resolution (pack it with PackSegInputs' meta_keys). Image pixels pad with 0, masks with
+    seg_pad_val (255: ignored by the loss). An image larger than the crop is a pipeline error.
+    """
+
+    def __init__(self, crop_size: tuple[int, int], seg_pad_val: int = IGNORE_INDEX) -> None:
+        height, width = crop_size
+        super().__init__(size=(width, height), pad_val=dict(img=0, seg=seg_pad_val))
+
+    def transform(self, results: dict) -> dict:
+        height, width = results["img"].shape[:2]
+        crop_width, crop_height = self.size
+        if height > crop_height or width > crop_width:
+            raise ValueError(
+                f"{results.get('img_path')}: image is {width}x{height} after resizing, larger than the "
+                f"{crop_width}x{crop_height} crop PadToCrop pads to (resize or crop it first)"
+            )
+        results = super().transform(results)
+        results["img_padding_size"] = [0, crop_width - width, 0, crop_height - height]
+        return results
 
 
 @METRICS.register_module()

@@ -544,6 +544,7 @@ def _run_and_publish(
     from mmengine.runner import Runner
 
     from tasks import tracking
+    from tasks.mmseg_setup import check_loaded_samples
 
     out = exp_dir / "publish"
     if out.exists():
@@ -554,6 +555,9 @@ def _run_and_publish(
         run_id, "train", experiment, params=inputs, session_dir=out / "clearml"
     ) as tracker:
         runner = Runner.from_cfg(cfg)
+        # exactly the validated samples, or exit 2 before the first epoch
+        check_loaded_samples(runner.train_dataloader.dataset, Path(cfg.data_root), "train", "training")
+        check_loaded_samples(runner.val_dataloader.dataset, Path(cfg.data_root), "val", "training")
         runner.register_hook(StoreMirrorHook(store, mirror_prefix, inputs))
         runner.register_hook(tracking.TrackerHook(tracker), priority="LOW")
         runner.train()

@@ -23,7 +23,9 @@ STUDY = ("h1", "h2", "exp1", "exp2")  # the study's four; the open ideas have th
 
 DEEPLAB = ("h1", "h2", "exp1")
 STUDY_CLASS_WEIGHT = [0.0585, 1.0, 1.0]
-FLIP_ONLY = ["LoadImageFromFile", "LoadAnnotations", "Resize", "RandomFlip", "PackSegInputs"]
+FLIP_ONLY = ["LoadImageFromFile", "LoadAnnotations", "Resize", "RandomFlip", "PadToCrop", "PackSegInputs"]
+# What every pipeline adds to the study's for images of other sizes (a no-op on 256x256 images)
+PAD = dict(type="PadToCrop", crop_size=(256, 256))
 STUDY_AUGMENTATION = [
     dict(type="LoadImageFromFile"),
     dict(type="LoadAnnotations", reduce_zero_label=False),
@@ -37,6 +39,7 @@ STUDY_AUGMENTATION = [
         saturation_range=(0.8, 1.2),
         hue_delta=18,
     ),
+    PAD,
     dict(type="PackSegInputs"),
 ]
 
@@ -142,15 +145,22 @@ def test_augmentation_per_experiment(experiment: str) -> None:
         assert [t.type for t in pipeline] == FLIP_ONLY
         assert pipeline[2] == dict(type="Resize", scale=(256, 256), keep_ratio=True)  # no-op on 256x256
         assert pipeline[3] == dict(type="RandomFlip", prob=0.5)
+        assert pipeline[4] == PAD
     else:
         assert [dict(t) for t in pipeline] == STUDY_AUGMENTATION
-    # evaluation is never augmented
-    assert [t.type for t in cfg.val_dataloader.dataset.pipeline] == [
-        "LoadImageFromFile",
-        "Resize",
-        "LoadAnnotations",
-        "PackSegInputs",
-    ]
+    # evaluation is never augmented: scaled and padded like training, masks loaded as stored
+    for loader in ("val_dataloader", "test_dataloader"):
+        test_pipeline = cfg[loader].dataset.pipeline
+        assert [t.type for t in test_pipeline] == [
+            "LoadImageFromFile",
+            "Resize",
+            "PadToCrop",
+            "LoadAnnotations",
+            "PackSegInputs",
+        ]
+        assert test_pipeline[1] == dict(type="Resize", scale=(256, 256), keep_ratio=True)
+        assert test_pipeline[2] == PAD
+        assert "img_padding_size" in test_pipeline[4].meta_keys
 
 
 @pytest.mark.parametrize("experiment", STUDY)

@@ -8,9 +8,10 @@
 # SegFormer), best checkpoint by val mDice and early stopping on val mDice.
 #
 # What it changes (measured on the generated 200/120/120 dataset, see the train issue's note):
-# - image_size: every 256-pixel size (Resize / RandomResize scale, RandomCrop crop size, the data
-#   preprocessor's pad size) becomes 128: images are trained and predicted at 128x128; metrics stay at
-#   the masks' own 256x256 resolution (mmseg resizes predictions back to the mask).
+# - image_size: every 256-pixel size (Resize / RandomResize scale, RandomCrop and PadToCrop crop
+#   size, the data preprocessor's pad size) becomes 128: images of any size are scaled to fit and
+#   padded to 128x128 for training and prediction; metrics stay at each mask's own resolution
+#   (mmseg cuts the padding off and resizes predictions back to the mask).
 # - models: ResNetV1c-18 at a quarter of the width with output stride 16 (strides 1,2,2,1, dilation 2
 #   in the last stage), a 64-channel ASPP head with dilations for the 8x8 feature map; MiT with
 #   B0-like widths (32..256) and one block per stage. Both start from scratch (no ImageNet weights).

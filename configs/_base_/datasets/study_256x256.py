@@ -10,20 +10,41 @@ ignore_index = 255
 img_scale = (256, 256)
 crop_size = (256, 256)
 
+# Image sizes: any, square or not. Every image is scaled, keeping its aspect ratio, to fit img_scale
+# (a no-op on the study's 256x256 images) and padded at the bottom and right to crop_size by
+# PadToCrop (image 0, mask 255 = ignored by the loss), so images of different sizes share a batch.
+# The augmented pipelines (study_256x256_aug.py) jitter the scale and random-crop first, as the study.
+# Validation and test: the same scaling and padding; mmseg cuts the padding off each prediction
+# (img_padding_size) and resizes it to the mask's own resolution, so metrics are always computed
+# on the original masks.
 train_pipeline = [
     dict(type="LoadImageFromFile"),
     dict(type="LoadAnnotations", reduce_zero_label=False),
-    # a no-op on the study's 256x256 images; brings other sizes (and the CPU profile) to the scale
     dict(type="Resize", scale=img_scale, keep_ratio=True),
     dict(type="RandomFlip", prob=0.5),
+    dict(type="PadToCrop", crop_size=crop_size),
     dict(type="PackSegInputs"),
 ]
+# PackSegInputs' own meta keys plus the padding PadToCrop records
+test_meta_keys = (
+    "img_path",
+    "seg_map_path",
+    "ori_shape",
+    "img_shape",
+    "pad_shape",
+    "scale_factor",
+    "flip",
+    "flip_direction",
+    "reduce_zero_label",
+    "img_padding_size",
+)
 test_pipeline = [
     dict(type="LoadImageFromFile"),
     dict(type="Resize", scale=img_scale, keep_ratio=True),
-    # annotations after Resize: metrics are computed at the mask's own resolution
+    dict(type="PadToCrop", crop_size=crop_size),
+    # annotations after Resize and PadToCrop: metrics are computed at the mask's own resolution
     dict(type="LoadAnnotations", reduce_zero_label=False),
-    dict(type="PackSegInputs"),
+    dict(type="PackSegInputs", meta_keys=test_meta_keys),
 ]
 
 train_dataloader = dict(

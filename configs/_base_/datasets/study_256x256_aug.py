@@ -1,4 +1,5 @@
-# The study's augmentation (Exp1, reused by Exp2): scale jitter, crop, flip, photometric distortion.
+# The study's augmentation (Exp1, reused by Exp2): scale jitter, crop, flip, photometric distortion;
+# then PadToCrop brings crops of smaller or non-square images to the crop size (see study_256x256.py).
 _base_ = ["./study_256x256.py"]
 
 train_pipeline = [
@@ -14,6 +15,7 @@ train_pipeline = [
         saturation_range=(0.8, 1.2),
         hue_delta=18,
     ),
+    dict(type="PadToCrop", crop_size=(256, 256)),
     dict(type="PackSegInputs"),
 ]
 train_dataloader = dict(dataset=dict(pipeline=train_pipeline))
