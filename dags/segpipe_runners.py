@@ -47,6 +47,10 @@ DEFAULT_RELABEL_IMAGE = "segpipe-relabel:0.1.0"
 S3_CONN_ID = "segpipe_s3"
 CLEARML_CONN_ID = "segpipe_clearml"
 GPU_POOL = "gpu"
+NO_GPUS = "none"  # SEGPIPE_GPU_IDS value of a docker host without GPUs
+# Worker settings that name a path on the worker: meaningless inside a container (the image sets its
+# own), so the docker runner does not hand them over.
+WORKER_PATH_VARIABLES = frozenset({"CLEARML_CACHE_DIR", "CLEARML_CONFIG_FILE"})
 # tasks.cli exit codes that a retry cannot fix: 2 bad input, 3 quality gate failed.
 NO_RETRY_EXIT_CODES = {2: "bad input", 3: "quality gate failed"}
 # DockerOperator gives a container's exit code only inside its exception's message, the Docker API's
@@ -75,6 +79,7 @@ class Settings:
     trainer_image: str
     relabel_image: str
     docker_network: str | None
+    docker_gpus: bool
     default_dataset: str
     default_profile: str
 
@@ -94,6 +99,7 @@ class Settings:
             trainer_image=os.environ.get("SEGPIPE_TRAINER_IMAGE") or DEFAULT_TRAINER_IMAGE,
             relabel_image=os.environ.get("SEGPIPE_RELABEL_IMAGE") or DEFAULT_RELABEL_IMAGE,
             docker_network=os.environ.get("SEGPIPE_DOCKER_NETWORK") or None,
+            docker_gpus=runner == "docker" and bool(gpu_ids_from_env()),
             default_dataset=os.environ.get("SEGPIPE_DEFAULT_DATASET")
             or f"s3://{bucket}/datasets/pets/latest",
             default_profile=profile,
@@ -188,8 +194,14 @@ def build_plan(p: Mapping[str, Any], airflow_run_id: str) -> dict[str, Any]:
 
 
 def gpu_ids_from_env() -> list[str]:
-    """SEGPIPE_GPU_IDS='0,1,2,3' (default '0'): the GPU ids docker may hand to trainings."""
-    ids = [i.strip() for i in (os.environ.get("SEGPIPE_GPU_IDS") or "0").split(",") if i.strip()]
+    """SEGPIPE_GPU_IDS='0,1,2,3' (default '0'): the GPU ids docker may hand to trainings.
+
+    SEGPIPE_GPU_IDS=none: a docker host without GPUs (no device request at all; the stages run on CPU).
+    """
+    value = os.environ.get("SEGPIPE_GPU_IDS") or "0"
+    if value.strip().lower() == NO_GPUS:
+        return []
+    ids = [i.strip() for i in value.split(",") if i.strip()]
     if not ids or not all(re.fullmatch(r"[A-Za-z0-9-]+", i) for i in ids):
         raise ValueError(f"SEGPIPE_GPU_IDS={os.environ.get('SEGPIPE_GPU_IDS')!r}: expected e.g. '0,1,2,3'")
     return ids
@@ -207,7 +219,12 @@ def gpu_request(device_ids: list[str] | None = None) -> dict[str, Any]:
 
 
 def assign_gpus(experiments: list[dict[str, Any]], gpu_ids: list[str]) -> list[dict[str, Any]]:
-    """One GPU per experiment, round-robin: parallel trainings on one host get different GPUs."""
+    """One GPU per experiment, round-robin: parallel trainings on one host get different GPUs.
+
+    No GPU ids (a docker host without GPUs): no device request, the specs as planned.
+    """
+    if not gpu_ids:
+        return experiments
     return [
         {**spec, "device_requests": [gpu_request([gpu_ids[index % len(gpu_ids)]])]}
         for index, spec in enumerate(experiments)
@@ -342,7 +359,8 @@ class DockerStageOperator(DockerOperator):
     template_fields: Sequence[str] = (*DockerOperator.template_fields, "device_requests")
 
     def execute(self, context: Any) -> Any:
-        self._private_environment = {**self._private_environment, **stage_environment()}
+        env = {k: v for k, v in stage_environment().items() if k not in WORKER_PATH_VARIABLES}
+        self._private_environment = {**self._private_environment, **env}
         try:
             return super().execute(context)
         except DockerContainerFailedException as err:
@@ -364,8 +382,9 @@ def stage_operator(
 ) -> BaseOperator:
     """The operator that runs one stage command with the configured runner.
 
-    docker: a GPU stage asks for `device_requests` (default: any one GPU), takes a slot of the `gpu`
-    pool (slots = GPUs) and goes to the `gpu` queue; containers are named per run, task, map index
+    docker: a GPU stage asks for `device_requests` (default: any one GPU; none on a host without GPUs,
+    SEGPIPE_GPU_IDS=none), takes a slot of the `gpu` pool (slots = GPUs) and goes to the `gpu` queue;
+    containers are named per run, task, map index
     and try (a retry never collides with the container a failed try left behind).
     """
     if settings.runner == "local":
@@ -380,7 +399,7 @@ def stage_operator(
         auto_remove="success",  # a failed container stays for `docker logs`; its name is per try
         mount_tmp_dir=False,
         network_mode=settings.docker_network,
-        device_requests=(device_requests or [gpu_request()]) if gpu else None,
+        device_requests=(device_requests or [gpu_request()]) if gpu and settings.docker_gpus else None,
         **kwargs,
     )
 

@@ -1,7 +1,7 @@
 """Static checks of images/*/Dockerfile: pins from the lock files, what the tasks need, hadolint.
 
-No Docker engine runs here, so the images are never built by the tests: each test reads the
-Dockerfiles and the lock files and fails when one side changes without the other.
+Each test reads the Dockerfiles and the lock files and fails when one side changes without the other;
+tests/test_docker_runner.py builds the images and runs the stages in them.
 """
 
 from __future__ import annotations
@@ -103,26 +103,52 @@ def pins(path: Path) -> dict[str, str]:
 LOCK = pins(REQ / "constraints.txt")
 
 
+INSTALL_ENV = ROOT / "infra" / "install_env.sh"
+# The script's parts in install order: its default (everything, the local environment).
+INSTALL_PARTS = re.search(r'PARTS=" \$\{\*:-([a-z0-9 ]+)\} "', INSTALL_ENV.read_text()).group(1).split()
+
+
 def test_parser_reads_stages_and_continuations() -> None:
     """The parser the other tests stand on: stages, names, joined continuation lines."""
     trainer = dockerfile("trainer")
-    assert [s.name for s in trainer.stages] == ["build", "trainer"]
-    assert trainer.global_args["CUDA_VERSION"]
-    assert any("MMCV_WITH_OPS=1" in run and "pip wheel" in run for run in trainer.stage("build").args("RUN"))
+    assert [s.name for s in trainer.stages] == [
+        "python", "build", "wheels-lite", "wheels-ops", "wheels", "venv", "trainer",
+    ]  # fmt: skip
+    assert trainer.global_args == {"BASE_IMAGE": "debian:bookworm-slim", "MMCV_FLAVOUR": "lite"}
+    assert any(
+        "MMCV_OPS=1" in run and "SAM2_BUILD_CUDA=1" in run for run in trainer.stage("wheels-ops").args("RUN")
+    )
+
+
+def install_env_calls(image: str) -> list[tuple[str, list[str]]]:
+    """(stage, parts) of every `infra/install_env.sh /opt/venv PART...` the Dockerfile runs, in order."""
+    calls = []
+    for stage in dockerfile(image).stages:
+        for run in stage.args("RUN"):
+            for match in re.finditer(r"infra/install_env\.sh /opt/venv ((?:[a-z0-9]+ ?)+)", run):
+                calls.append((stage.name, match.group(1).split()))
+    return calls
 
 
 # ---------------------------------------------------------------- trainer
 
 
-def test_trainer_installs_the_locked_requirements_in_install_env_order() -> None:
+def test_trainer_installs_with_install_env_in_its_order() -> None:
+    """One install procedure: the image runs infra/install_env.sh, the script `make setup` runs, with
+    the same requirements/*.txt and constraints; its parts in the script's order, each once per
+    flavour, every task-side part, no Airflow and no dev tools."""
+    assert INSTALL_PARTS[:3] == ["tools", "torch", "tasks"] and INSTALL_PARTS[-1] == "check"
+    calls = install_env_calls("trainer")
+    for flavour in ("lite", "ops"):
+        skipped = {"wheels-lite", "wheels-ops"} - {f"wheels-{flavour}"}
+        parts = [part for stage, parts in calls if stage not in skipped for part in parts]
+        assert parts == [p for p in INSTALL_PARTS if p not in ("airflow", "dev")], (flavour, parts)
     build = dockerfile("trainer").stage("build")
     assert "requirements/ requirements/" in build.args("COPY")
-    runs = build.run_text()
-    torch_at = runs.index("-r requirements/torch.txt -c requirements/constraints.txt")
-    tasks_at = runs.index("-r requirements/tasks.txt -c requirements/constraints.txt")
-    mmcv_at = runs.index("requirements/mmcv.txt")
-    assert torch_at < tasks_at < mmcv_at, "torch first, then the task side, then mmcv (infra/install_env.sh)"
-    # The lock files agree with each other on what the Dockerfile installs from them.
+    assert "infra/install_env.sh infra/install_env.sh" in build.args("COPY")
+    # No pip install of a requirements file outside the script (no second copy of its steps).
+    assert "pip install -r" not in "\n".join(s.run_text() for s in dockerfile("trainer").stages)
+    # The lock files agree with each other on what the script installs from them.
     for req in ("torch.txt", "tasks.txt", "mmcv.txt", "sam2.txt"):
         for name, version in pins(REQ / req).items():
             if name != "mmcv":  # the lock records mmcv-lite locally; mmcv.txt is mmcv's one source
@@ -132,41 +158,46 @@ def test_trainer_installs_the_locked_requirements_in_install_env_order() -> None
     assert pins(REQ / "torch.txt") == {"torch": LOCK["torch"], "torchvision": LOCK["torchvision"]}
 
 
-def test_trainer_build_tools_match_install_env() -> None:
-    """pip and setuptools (< 81: mmcv's setup.py needs pkg_resources) pinned as in infra/install_env.sh."""
-    install_env = (ROOT / "infra" / "install_env.sh").read_text()
-    runs = dockerfile("trainer").stage("build").run_text()
-    for tool in ("pip", "setuptools"):
-        local = re.search(rf'"{tool}==([^"]+)"', install_env).group(1)
-        image = re.search(rf"\b{tool}==(\S+)", runs).group(1)
-        assert image == local, f"{tool}: image {image}, infra/install_env.sh {local}"
-    assert int(re.search(r"setuptools==(\d+)", runs).group(1)) < 81
-
-
-def test_trainer_cuda_base_matches_torch_cuda_build() -> None:
-    """torch's CUDA (cuda-toolkit pin of its wheel) and the base image's nvcc share major.minor."""
+def test_trainer_is_debian_bookworm_with_the_locks_python() -> None:
+    """Debian bookworm's python3.11 (the lock's Python); torch's CUDA wheels bring the CUDA runtime."""
     trainer = dockerfile("trainer")
-    cuda = trainer.global_args["CUDA_VERSION"]
-    toolkit = LOCK["cuda-toolkit"]
-    assert cuda.split(".")[:2] == toolkit.split(".")[:2], (
-        f"base image CUDA {cuda}, torch's cuda-toolkit {toolkit}"
-    )
+    assert trainer.global_args["BASE_IMAGE"] == "debian:bookworm-slim"
+    assert trainer.stage("python").base == "${BASE_IMAGE}"
+    assert "python3.11 python3.11-venv" in (ROOT / "images/trainer/install-python.sh").read_text()
     cuda_suffixes = {m.group(1) for name in LOCK if (m := re.fullmatch(r"nvidia-.+-cu(\d+)", name))}
-    assert cuda_suffixes == {cuda.split(".")[0]}, (
-        f"nvidia-*-cu{cuda_suffixes} wheels vs base image CUDA {cuda}"
+    assert cuda_suffixes == {LOCK["cuda-toolkit"].split(".")[0]}, (cuda_suffixes, LOCK["cuda-toolkit"])
+
+
+def test_no_toolchain_outside_the_ops_stage() -> None:
+    """Compilers only where the ops flavour compiles; the runtime image derives from `python`."""
+    trainer = dockerfile("trainer")
+    assert trainer.final.base == "python"
+    for stage in trainer.stages:
+        text = stage.run_text()
+        has_toolchain = any(tool in text for tool in ("g++", "ninja-build", "-dev ", "cuda-toolkit"))
+        assert has_toolchain == (stage.name == "wheels-ops"), stage.name
+    assert not re.search(
+        r"\b(g\+\+|gcc|build-essential)\b", (ROOT / "images/trainer/install-python.sh").read_text()
     )
-    assert trainer.stage("build").base == "nvidia/cuda:${CUDA_VERSION}-devel-ubuntu${UBUNTU_VERSION}"
-    assert trainer.final.base == "nvidia/cuda:${CUDA_VERSION}-base-ubuntu${UBUNTU_VERSION}"
+    # The runtime takes the venv (built without compilers) and nothing from the ops stage itself.
+    copies = [c for s in trainer.stages for c in s.args("COPY") if "--from=" in c]
+    assert copies == ["--from=wheels /wheels /wheels", "--from=venv /opt/venv /opt/venv"]
 
 
-def test_trainer_builds_mmcv_with_cuda_ops() -> None:
-    build = dockerfile("trainer").stage("build")
-    mmcv_run = next(run for run in build.args("RUN") if "requirements/mmcv.txt" in run)
-    for flag in ("MMCV_WITH_OPS=1", "FORCE_CUDA=1", "--no-build-isolation", "--no-binary mmcv"):
-        assert flag in mmcv_run, flag
+def test_trainer_ops_flavour_builds_mmcv_and_sam2_with_cuda() -> None:
+    ops = dockerfile("trainer").stage("wheels-ops")
+    runs = ops.run_text()
+    assert "MMCV_OPS=1" in runs and "SAM2_BUILD_CUDA=1" in runs and "WHEELS_DIR=/wheels" in runs
+    assert "FORCE_CUDA=1" in " ".join(ops.args("ENV"))  # no GPU is visible during `docker build`
+    # nvcc from PyPI's CUDA wheels at the lock's cuda-toolkit version (torch's own CUDA build).
+    assert '"cuda-toolkit[nvcc,cudart,cccl,crt,nvvm]" -c requirements/constraints.txt' in runs
+    cuda_major = LOCK["cuda-toolkit"].split(".")[0]
+    assert f"site-packages/nvidia/cu{cuda_major}" in " ".join(ops.args("ENV"))
+    script = INSTALL_ENV.read_text()
     # torch 2.14's headers need C++20; mmcv 2.1.0's setup.py says c++17 (ENVIRONMENT-NOTES.md).
-    assert "s/-std=c++17/-std=c++20/g" in mmcv_run and "grep -q -- '-std=c++20'" in mmcv_run
-    assert "mmcv._ext" in build.run_text(), "the build must check that the wheel carries the compiled ops"
+    assert "s/-std=c++17/-std=c++20/g" in script and "grep -q -- '-std=c++20'" in script
+    assert "MMCV_WITH_OPS=1" in script and "SAM2_BUILD_ALLOW_ERRORS=0" in script
+    assert 'python -c "import mmcv._ext, sam2._C"' in dockerfile("trainer").stage("venv").run_text()
     version = pins(REQ / "mmcv.txt")["mmcv"]
     assert tuple(int(p) for p in version.split(".")) < (2, 2, 0), "mmsegmentation 1.2.2 asserts mmcv < 2.2.0"
 
@@ -175,7 +206,9 @@ def test_trainer_arch_list_is_valid_for_torch() -> None:
     """Every TORCH_CUDA_ARCH_LIST entry is one torch's extension builder accepts and nvcc 13 still
     compiles (CUDA 13 dropped GPUs below sm_75: torch's own build starts there)."""
     arg = next(
-        a for a in dockerfile("trainer").stage("build").args("ARG") if a.startswith("TORCH_CUDA_ARCH_LIST=")
+        a
+        for a in dockerfile("trainer").stage("wheels-ops").args("ARG")
+        if a.startswith("TORCH_CUDA_ARCH_LIST=")
     )
     arch_list = arg.partition("=")[2].strip('"')
     code = (
@@ -198,10 +231,19 @@ def test_trainer_runtime_copies_what_tasks_need() -> None:
     copies = final.args("COPY")
     for needed in ("tasks/ tasks/", "configs/ configs/", "pyproject.toml ./", "requirements/ requirements/"):
         assert needed in copies, needed
-    assert "--from=build /opt/venv /opt/venv" in copies
-    assert any(run.startswith("pip install --no-deps --no-build-isolation -e .") for run in final.args("RUN"))
+    assert "--from=venv /opt/venv /opt/venv" in copies
+    assert any(run.startswith("infra/install_env.sh /opt/venv project check") for run in final.args("RUN"))
     assert json.loads(final.args("ENTRYPOINT")[-1]) == ["python", "-m", "tasks"]
     assert "SEGPIPE_GIT_SHA=${SEGPIPE_GIT_SHA}" in final.args("ENV")
+
+
+def test_build_reads_pypi_unless_told_otherwise() -> None:
+    """The index settings are build args without defaults: unset, pip reads PyPI."""
+    build = dockerfile("trainer").stage("build")
+    for name in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS"):
+        assert name in build.args("ARG"), name
+    assert "PIP_CERT=/etc/ssl/certs/ca-certificates.crt" in " ".join(build.args("ENV"))
+    assert not any("PIP_INDEX_URL" in env for s in dockerfile("trainer").stages for env in s.args("ENV"))
 
 
 # ---------------------------------------------------------------- relabel
@@ -220,19 +262,12 @@ def _relabel_constants() -> dict[str, str]:
     }
 
 
-def test_relabel_builds_on_trainer_with_sam2_from_its_wheel() -> None:
+def test_relabel_builds_on_trainer_which_carries_sam2_and_ultralytics() -> None:
     relabel = dockerfile("relabel")
     assert relabel.final.base == "${TRAINER_IMAGE}"
     runs = relabel.final.run_text()
-    assert "pip install --no-index --no-deps --find-links /opt/wheels -r requirements/sam2.txt" in runs
-    assert "-r requirements/sam2.txt -c requirements/constraints.txt" in runs
-    assert "sam2._C" in runs and "ultralytics" in runs
-    # The wheel comes from the trainer's build stage, compiled with its CUDA extension.
-    trainer = dockerfile("trainer")
-    sam2_run = next(run for run in trainer.stage("build").args("RUN") if "requirements/sam2.txt" in run)
-    assert "SAM2_BUILD_CUDA=1" in sam2_run and "SAM2_BUILD_ALLOW_ERRORS=0" in sam2_run
-    assert "--no-build-isolation" in sam2_run
-    assert "--from=build /wheels/sam2-*.whl /opt/wheels/" in trainer.final.args("COPY")
+    assert "'sam2', 'ultralytics'" in runs  # the build fails if either is missing
+    assert "sam2" in [part for _, parts in install_env_calls("trainer") for part in parts]
     assert "ultralytics" in pins(REQ / "tasks.txt")
 
 

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# A Docker engine for the docker runner, the image builds and the container tests.
+#
+#   bash infra/docker_engine.sh start    # use the engine that answers, else start one (idempotent)
+#   bash infra/docker_engine.sh status   # exit 0 when an engine answers
+#   bash infra/docker_engine.sh stop     # stop the engine this script started (none other)
+#
+# Where an engine already answers (Docker Desktop, a system dockerd, DOCKER_HOST), `start` uses it and
+# changes nothing. Elsewhere (this workplace's machines start without one) it installs Debian's
+# docker.io when missing (infra/system_deps.sh) and starts `dockerd` as root:
+#   - pid file and exec root under .work/docker/ (per clone: `stop` stops only what this clone started);
+#   - data root (images, layer cache) OUTSIDE the clone, SEGPIPE_DOCKER_DATA_ROOT (default
+#     ~/.cache/segpipe/docker): a fresh clone on the same machine finds its images already built;
+#   - socket: DOCKER_HOST's unix socket, default /var/run/docker.sock (docker's standard, so every
+#     client and the DockerOperator's default docker_url find it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+STATE=${SEGPIPE_DOCKER_STATE:-$ROOT/.work/docker}
+DATA_ROOT=${SEGPIPE_DOCKER_DATA_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/segpipe/docker}
+PIDFILE=$STATE/dockerd.pid
+LOG=$STATE/dockerd.log
+HOST_URL=${DOCKER_HOST:-unix:///var/run/docker.sock}
+
+answers() { docker info --format '{{.ServerVersion}}' >/dev/null 2>&1; }
+
+our_pid() {
+  [ -f "$PIDFILE" ] || return 1
+  local pid
+  pid=$(cat "$PIDFILE")
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+}
+
+start() {
+  if answers; then
+    echo "docker_engine: engine at $HOST_URL answers ($(docker info --format '{{.ServerVersion}}'))" >&2
+    return 0
+  fi
+  case $HOST_URL in
+    unix://*) ;;
+    *) echo "docker_engine: DOCKER_HOST=$HOST_URL does not answer and is not a local socket" >&2; exit 1 ;;
+  esac
+  bash infra/system_deps.sh
+  command -v dockerd >/dev/null || { echo "docker_engine: dockerd not found after install" >&2; exit 1; }
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "docker_engine: no engine answers at $HOST_URL and starting dockerd needs root" >&2
+    exit 1
+  fi
+  mkdir -p "$STATE/exec" "$DATA_ROOT"
+  echo "docker_engine: starting dockerd (data root $DATA_ROOT, log $LOG)" >&2
+  # setsid: the engine outlives the shell that started it (make test, make demo) until `stop`.
+  setsid dockerd --data-root "$DATA_ROOT" --exec-root "$STATE/exec" --pidfile "$PIDFILE" \
+    -H "$HOST_URL" >>"$LOG" 2>&1 </dev/null &
+  for _ in $(seq 1 120); do
+    answers && { echo "docker_engine: up ($(docker info --format '{{.ServerVersion}}'))" >&2; return 0; }
+    sleep 0.5
+  done
+  echo "docker_engine: dockerd did not answer within 60 s; last lines of $LOG:" >&2
+  tail -n 20 "$LOG" >&2
+  exit 1
+}
+
+stop() {
+  local pid
+  if ! pid=$(our_pid); then
+    echo "docker_engine: no engine started by this clone is running" >&2
+    rm -f "$PIDFILE"
+    return 0
+  fi
+  # Running containers first (dockerd would stop them too, with its own 15 s grace each).
+  kill -TERM "$pid"
+  for _ in $(seq 1 120); do
+    kill -0 "$pid" 2>/dev/null || { echo "docker_engine: stopped" >&2; return 0; }
+    sleep 0.5
+  done
+  echo "docker_engine: dockerd $pid still running after 60 s" >&2
+  exit 1
+}
+
+case ${1:-} in
+  start) start ;;
+  stop) stop ;;
+  status)
+    if answers; then
+      echo "engine at $HOST_URL: $(docker info --format '{{.ServerVersion}} data root {{.DockerRootDir}}')"
+    else
+      echo "no engine answers at $HOST_URL" >&2
+      exit 1
+    fi
+    ;;
+  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac
