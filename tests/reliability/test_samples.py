@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from tasks.dataset import SPLITS, list_pairs, validate_dataset
+from tasks.store import Store, stage_prefix
 from tasks.synth import generate
 
 # image suffix per position in a split (cycled): a real user's mix of JPEG spellings and cases
@@ -93,10 +94,19 @@ def test_mixed_image_sizes_train_and_evaluate(s3_env: dict, tmp_path: Path, expe
     from tasks.train import train_experiment
 
     root = mixed_size_dataset(tmp_path / "sizes")
-    summary = validate_dataset(root)
+    counts = validate_dataset(root)["splits"]
     trained = train_experiment(
         experiment, "sizes", str(root), "cpu", max_epochs=1, cfg_options={"train_cfg.val_interval": 1}
     )
     assert trained["status"] == "trained" and trained["best_epoch"] == 1
     evaluated = evaluate_experiment(experiment, "sizes", ["val", "test"], str(root), n_panels=1)
     assert evaluated["status"] == "evaluated"
+    store = Store.from_env()
+    for split in ("val", "test"):
+        prefix = stage_prefix("sizes", "eval", experiment)
+        metrics = store.get_json(f"{prefix}/{split}_metrics.json")
+        per_image = store.get_json(f"{prefix}/{split}_per_image.json")
+        # every image, each at its own size (IoUMetric compares prediction and mask pixel by pixel)
+        assert metrics["samples"] == counts[split]["images"] == len(per_image)
+        assert sorted(per_image) == [image.stem for image, _ in list_pairs(root, split)]
+        assert 0 <= metrics["mDice"] <= 100
