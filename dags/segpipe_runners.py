@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from airflow.configuration import conf
 from airflow.providers.docker.exceptions import DockerContainerFailedException
 from airflow.providers.docker.operators.docker import DockerOperator
 from airflow.sdk import BaseHook, BaseOperator, Variable
@@ -82,6 +83,8 @@ class Settings:
     docker_gpus: bool
     default_dataset: str
     default_profile: str
+    # CeleryExecutor: GPU stages may run on other hosts (README "Scale out"), so they are routed.
+    celery: bool = False
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -103,6 +106,7 @@ class Settings:
             default_dataset=os.environ.get("SEGPIPE_DEFAULT_DATASET")
             or f"s3://{bucket}/datasets/pets/latest",
             default_profile=profile,
+            celery="CeleryExecutor" in conf.get("core", "executor", fallback=""),
         )
 
     @property
@@ -382,15 +386,15 @@ def stage_operator(
 ) -> BaseOperator:
     """The operator that runs one stage command with the configured runner.
 
-    docker: a GPU stage asks for `device_requests` (default: any one GPU; none on a host without GPUs,
-    SEGPIPE_GPU_IDS=none), takes a slot of the `gpu` pool (slots = GPUs) and goes to the `gpu` queue;
-    containers are named per run, task, map index
-    and try (a retry never collides with the container a failed try left behind).
+    A GPU stage takes a slot of the `gpu` pool (slots = GPUs) and goes to the Celery `gpu` queue with
+    the docker runner or the CeleryExecutor (GPU hosts). docker: it asks for `device_requests`
+    (default: any one GPU; none on a host without GPUs, SEGPIPE_GPU_IDS=none), and containers are named
+    per run, task, map index and try (a retry never collides with the container a failed try left behind).
     """
+    if gpu and (settings.runner == "docker" or settings.celery):
+        kwargs |= {"pool": GPU_POOL, "queue": GPU_POOL}
     if settings.runner == "local":
         return LocalStageOperator(task_id=task_id, command=command, **kwargs)
-    if gpu:
-        kwargs |= {"pool": GPU_POOL, "queue": GPU_POOL}
     return DockerStageOperator(
         task_id=task_id,
         command=command,

@@ -31,8 +31,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def endpoint_url(port: int) -> str:
-    return f"http://{HOST}:{port}"
+def endpoint_url(port: int, host: str = HOST) -> str:
+    return f"http://{host}:{port}"
 
 
 def wait_until_up(port: int, timeout_s: float = 30.0) -> None:
@@ -76,12 +76,12 @@ def stop(proc_or_pid: subprocess.Popen | int) -> None:
             proc_or_pid.wait()
 
 
-def create_bucket(port: int, bucket: str) -> None:
+def create_bucket(port: int, bucket: str, host: str = HOST) -> None:
     import boto3
 
     client = boto3.client(
         "s3",
-        endpoint_url=endpoint_url(port),
+        endpoint_url=endpoint_url(port, host),
         region_name="us-east-1",
         aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
@@ -91,11 +91,11 @@ def create_bucket(port: int, bucket: str) -> None:
         client.create_bucket(Bucket=bucket)
 
 
-def client_env(port: int, bucket: str) -> dict[str, str]:
+def client_env(port: int, bucket: str, host: str = HOST) -> dict[str, str]:
     """Environment that points boto3 (and so tasks.store) at this server."""
     return {
         **LOCAL_CREDENTIALS,
-        "AWS_ENDPOINT_URL": endpoint_url(port),
+        "AWS_ENDPOINT_URL": endpoint_url(port, host),
         "AWS_DEFAULT_REGION": "us-east-1",
         "SEGPIPE_BUCKET": bucket,
     }

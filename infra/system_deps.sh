@@ -8,6 +8,9 @@ set -euo pipefail
 declare -A PROVIDES=(
   [docker.io]=dockerd
   [debootstrap]=debootstrap
+  [postgresql]=pg_ctlcluster
+  [redis-server]=redis-server
+  [iproute2]=ip
 )
 
 missing=()
