@@ -24,6 +24,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "train": ("tasks.train", "train one study experiment with mmengine's Runner"),
     "evaluate": ("tasks.evaluate", "evaluate an experiment's best checkpoint on a split"),
     "select": ("tasks.selection", "pick the winner by val mDice, gate it, promote the champion"),
+    "models": ("tasks.models", "list the promoted model versions; roll production back to one"),
 }
 
 

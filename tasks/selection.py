@@ -7,15 +7,19 @@ higher val mIoU, then to the earlier experiment in the fixed order of tasks.expe
 any set of experiment files.
 Gate: the winner's test mDice / 100 must exceed the gate (a fraction, default 0.75), else nothing is
 promoted, winner.json/report.md say so and the step exits 3.
-Champion/challenger: the winner replaces models/production/ only if its test mDice beats the
-champion's on the same test set, i.e. the same test-set version (test_set_version: the content hash
-of images/test and labels/test, written by evaluate into test_metrics.json and by promotion into
+Champion/challenger: the winner becomes production (tasks.models: models/<version>/ written once,
+then the pointer models/production.json, conditionally) only if its test mDice beats the champion's
+on the same test set, i.e. the same test-set version (test_set_version: the content hash of
+images/test and labels/test, written by evaluate into test_metrics.json and by promotion into
 model_card.json; strictly: an equal score keeps the champion). More train or val data makes a new
 dataset version but leaves the test set, and so the comparison, unchanged. A model card or an
 evaluation written before test-set versions existed has only the whole dataset version: then the two
 dataset versions are compared instead, and the reason says so. A champion measured on another test
 set cannot be compared, and re-evaluating it is not this step's job (its checkpoint may come from code
 or a config this image no longer runs), so the gated winner is promoted and winner.json says why.
+Two selects promoting at once: the pointer's conditional PUT lets one win; the other decides again
+against the new champion (`promote`), so winner.json always names the champion it was compared to.
+`champion_decision` (decide) and `promote` (write) are separate steps: an approval can sit between.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks import experiments as ex
+from tasks import models
 from tasks import store as st
 from tasks.errors import InputError, QualityGateError
 from tasks.experiments import PER_CLASS_KEYS, SUMMARY_KEYS
@@ -141,13 +146,6 @@ def rank(candidates: list[Candidate]) -> list[Candidate]:
     return ordered
 
 
-def current_champion(store: st.Store) -> dict | None:
-    marker = store.marker(st.PRODUCTION_PREFIX)
-    if marker is None or "model_card.json" not in marker["files"]:
-        return None
-    return store.get_json(f"{st.PRODUCTION_PREFIX}/model_card.json")
-
-
 def comparison_basis(winner: Candidate, champion: dict) -> tuple[str, Any, Any, str]:
     """(what is compared, the champion's value, the winner's value, a note) for champion/challenger.
 
@@ -192,48 +190,53 @@ def champion_decision(winner: Candidate, champion: dict | None, run_id: str) -> 
     return False, f"champion kept: winner test mDice {ours} <= champion {theirs} on {basis} {winner_on}{note}"
 
 
-def model_card(run_id: str, winner: Candidate, champion: dict | None, gate: float) -> dict:
-    previous = None
-    if champion is not None:
-        previous = {
-            k: champion.get(k)
-            for k in ("run_id", "experiment", "checkpoint_sha256", "dataset_version", TEST_SET_VERSION)
-        }
-        previous["test_mDice"] = champion.get("test_metrics", {}).get("mDice")
+def model_card(run_id: str, winner: Candidate, gate: float) -> dict:
+    """What models/<version>/model_card.json says about the model (the same bytes for the same winner,
+    so a retried or concurrent promotion of one model writes identical files)."""
     return {
         "run_id": run_id,
         "experiment": winner.experiment,
         "description": winner.description,
-        "promoted_at": st.utc_now(),
         "checkpoint": winner.checkpoint_key,
         "checkpoint_sha256": winner.test["checkpoint_sha256"],
         "dataset_version": winner.test["dataset_version"],
         "dataset_uri": winner.test.get("dataset_uri"),
+        "evaluated_at": winner.test.get("evaluated_at"),
         "test_split": winner.test.get("split", "test"),
         TEST_SET_VERSION: winner.test.get(TEST_SET_VERSION),  # the test set test_metrics were measured on
         "val_metrics": winner.val,
         "test_metrics": winner.test,
         "gate": gate,
         "selection_rule": TIE_BREAK,
-        "previous_champion": previous,
     }
 
 
-def promote(store: st.Store, run_id: str, winner: Candidate, card: dict) -> None:
-    """Publish checkpoint, config and card to models/production/ (its _SUCCESS marker goes last)."""
+def promote(
+    store: st.Store, run_id: str, winner: Candidate, gate: float, production: models.Production
+) -> tuple[bool, str, models.Production]:
+    """Promote a winner `champion_decision` chose against `production`: (promoted?, why, the champion
+    finally compared against).
+
+    models/<version>/ first (written once), then the pointer, conditionally on production being
+    still what was decided against. If another promotion moved it meanwhile, the decision is taken
+    again against the new champion (which may now keep it), at most POINTER_ATTEMPTS times.
+    """
     train_prefix = st.stage_prefix(run_id, "train", winner.experiment)
     with tempfile.TemporaryDirectory(dir=st.work_dir()) as tmp:
-        out = Path(tmp)
-        # download_file verifies each object's recorded sha256
-        store.download_file(winner.checkpoint_key, out / "model.pth")
-        store.download_file(f"{train_prefix}/config.py", out / "config.py")
-        (out / "model_card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-        inputs = {
-            "run_id": run_id,
-            "experiment": winner.experiment,
-            "checkpoint_sha256": card["checkpoint_sha256"],
-        }
-        store.publish(out, st.PRODUCTION_PREFIX, inputs=inputs)
+        weights = store.download_file(winner.checkpoint_key, Path(tmp) / "model.pth")  # sha256-verified
+        config_text = store.get_text(f"{train_prefix}/config.py")
+        version = models.publish_version(store, model_card(run_id, winner, gate), weights, config_text)
+    for _ in range(models.POINTER_ATTEMPTS):
+        replace, reason = champion_decision(winner, production.card, run_id)
+        if not replace:
+            return False, reason, production
+        if models.move_production(store, version, production, reason):
+            log.info("promoted %s of run %s: %s", winner.experiment, run_id, store.uri(st.PRODUCTION_KEY))
+            return True, reason, production
+        log.warning("production changed while promoting %s: deciding again", winner.experiment)
+        production = models.read_production(store)
+    attempts = models.POINTER_ATTEMPTS
+    raise RuntimeError(f"{store.uri(st.PRODUCTION_KEY)} kept changing during {attempts} attempts")
 
 
 # ---------------------------------------------------------------- report
@@ -354,7 +357,7 @@ def select(
 
     winner = ranked[0]
     fraction = winner.test["mDice"] / 100
-    champion = current_champion(store)
+    production = models.read_production(store)
     result["winner"] = {
         "experiment": winner.experiment,
         "val_mDice": winner.val["mDice"],
@@ -372,43 +375,46 @@ def select(
             f"run {run_id}: winner {winner.experiment} has test mDice {winner.test['mDice']} "
             f"({fraction:.4f}), which does not exceed the gate {gate}; nothing was promoted"
         )
-    champion_numbers = {
+        result["promotion"] = {
+            "decision": "not promoted: quality gate failed",
+            "reason": f"test mDice {fraction:.4f} does not exceed the gate {gate}",
+            "promoted": False,
+            **_champion_numbers(winner, production),
+        }
+    else:
+        replace, reason = champion_decision(winner, production.card, run_id)
+        promoted = False
+        if replace and promote_winner:
+            promoted, reason, production = promote(store, run_id, winner, gate, production)
+        if not promote_winner:
+            decision = "not promoted: --no-promote" + (" (would replace the champion)" if replace else "")
+        else:
+            decision = "promoted" if promoted else "champion kept"
+        result["promotion"] = {
+            "decision": decision,
+            "reason": reason,
+            "promoted": promoted,
+            **_champion_numbers(winner, production),
+        }
+
+    _write_reports(store, run_id, ranked, failed, result)
+    return result
+
+
+def _champion_numbers(winner: Candidate, production: models.Production) -> dict:
+    """Both numbers of the decision, and which champion it was taken against."""
+    champion, pointer = production.card, production.pointer or {}
+    return {
         "challenger_test_mDice": winner.test["mDice"],
         "champion_test_mDice": None if champion is None else champion.get("test_metrics", {}).get("mDice"),
         "champion": None
         if champion is None
         else {
-            k: champion.get(k)
-            for k in ("run_id", "experiment", "dataset_version", TEST_SET_VERSION, "promoted_at")
+            "version": production.version,
+            "promoted_at": pointer.get("promoted_at"),
+            **{k: champion.get(k) for k in ("run_id", "experiment", "dataset_version", TEST_SET_VERSION)},
         },
     }
-    if not result["gate"]["passed"]:
-        result["promotion"] = {
-            "decision": "not promoted: quality gate failed",
-            "reason": f"test mDice {fraction:.4f} does not exceed the gate {gate}",
-            "promoted": False,
-            **champion_numbers,
-        }
-    else:
-        replace, reason = champion_decision(winner, champion, run_id)
-        if not promote_winner:
-            decision = "not promoted: --no-promote" + (" (would replace the champion)" if replace else "")
-        else:
-            decision = "promoted" if replace else "champion kept"
-        result["promotion"] = {
-            "decision": decision,
-            "reason": reason,
-            "promoted": replace and promote_winner,
-            **champion_numbers,
-        }
-        if replace and promote_winner:
-            promote(store, run_id, winner, model_card(run_id, winner, champion, gate))
-            log.info(
-                "promoted %s of run %s to %s", winner.experiment, run_id, store.uri(st.PRODUCTION_PREFIX)
-            )
-
-    _write_reports(store, run_id, ranked, failed, result)
-    return result
 
 
 def _write_reports(

@@ -46,7 +46,13 @@ T = TypeVar("T")
 
 DEFAULT_BUCKET = "segmentation"
 MARKER = "_SUCCESS"
-PRODUCTION_PREFIX = "models/production"
+MODELS_PREFIX = "models"
+# The production pointer: one small JSON object naming the champion's models/<version>/, written last
+# with a conditional PUT (tasks.models). Before versions existed production was the prefix
+# models/production/; nothing reads that layout any more.
+PRODUCTION_KEY = f"{MODELS_PREFIX}/production.json"
+# Answers of a conditional PUT whose condition did not hold: another writer got there first.
+CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 STAGES_WITHOUT_EXPERIMENT = ("eda", "relabel")
 STAGES_WITH_EXPERIMENT = ("train", "eval")
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -141,6 +147,20 @@ def manifest_key(run_id: str) -> str:
 def clearml_prefix(run_id: str) -> str:
     """Where an online ClearML server stores a run's models and artifacts (its output_uri)."""
     return f"{run_prefix(run_id)}/clearml"
+
+
+def model_version(experiment: str, checkpoint_sha256: str) -> str:
+    """A promoted model's version: its experiment and checkpoint digest (same weights, same version)."""
+    if not re.fullmatch(r"[0-9a-f]{64}", checkpoint_sha256 or ""):
+        raise ValueError(f"not a sha256 hex digest: {checkpoint_sha256!r}")
+    return f"{_check_name('experiment', experiment)}-{checkpoint_sha256[:16]}"
+
+
+def model_prefix(version: str) -> str:
+    """models/<version>: one model, written once (model.pth, config.py, model_card.json, _SUCCESS)."""
+    if version == PRODUCTION_KEY.rpartition("/")[2]:
+        raise InputError(f"invalid model version {version!r}")
+    return f"{MODELS_PREFIX}/{_check_name('model version', version)}"
 
 
 def marker_key(prefix: str) -> str:
@@ -379,6 +399,52 @@ class Store:
             ),
         )
 
+    def get_json_with_etag(self, key: str) -> tuple[Any, str | None]:
+        """(content, ETag) of a JSON object, or (None, None) when there is none (for put_json_if)."""
+
+        def get() -> tuple[Any, str | None]:
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=key)
+            except ClientError as err:
+                if _error_code(err) in ("404", "NoSuchKey", "NotFound"):
+                    return None, None
+                raise
+            data = response["Body"].read()
+            expected = response.get("Metadata", {}).get(SHA256_META)
+            if expected and hashlib.sha256(data).hexdigest() != expected:
+                raise ChecksumMismatch(f"{self.uri(key)}: content does not match its sha256")
+            return json.loads(data), response["ETag"]
+
+        return self._retrying(f"get {self.uri(key)}", get)
+
+    def put_json_if(self, key: str, obj: Any, etag: str | None) -> bool:
+        """Write obj only while the object still has `etag` (None: only while there is no object).
+
+        A conditional PUT (If-Match / If-None-Match), atomic on the server: False when another writer
+        changed the object first. A retry after a lost answer may see its own earlier write as the
+        change: callers put something of their own in obj to recognise it.
+        """
+        data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+        condition = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
+
+        def put() -> bool:
+            try:
+                self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=data,
+                    ChecksumAlgorithm="SHA256",
+                    Metadata={SHA256_META: hashlib.sha256(data).hexdigest()},
+                    **condition,
+                )
+            except ClientError as err:
+                if _error_code(err) in CONFLICT_CODES:
+                    return False
+                raise
+            return True
+
+        return self._retrying(f"conditional put {self.uri(key)}", put)
+
     def get_bytes(self, key: str) -> bytes:
         def get() -> bytes:
             response = self.client.get_object(Bucket=self.bucket, Key=key)
@@ -488,6 +554,28 @@ class Store:
         self.put_json(marker, content)
         log.info("published %d files to %s", len(digests), self.uri(_folder(prefix)))
         return content
+
+    def publish_once(self, local_dir: Path, prefix: str, inputs: dict | None = None) -> dict:
+        """Publish an immutable prefix: never deletes or changes one already published.
+
+        The files go up, then the marker with a conditional PUT (only if there is none). A prefix
+        already published with the same files (a retry, or another writer of the same content) is
+        left as it is; one with other files is an error (immutable means never overwritten).
+        """
+        local_dir = Path(local_dir)
+        digests = {rel: sha256_file(path) for rel, path in _local_files(local_dir)}
+        existing = self.marker(prefix)
+        if existing is None:
+            for rel, path in _local_files(local_dir):
+                self._upload_file(path, _folder(prefix) + rel)
+            content = {"files": digests, "inputs": _canonical(inputs), "published_at": utc_now()}
+            if self.put_json_if(marker_key(prefix), content, None):
+                log.info("published %d files to %s (immutable)", len(digests), self.uri(_folder(prefix)))
+                return content
+            existing = self.marker(prefix)  # another writer published it meanwhile
+        if existing is None or existing["files"] != digests:
+            raise RuntimeError(f"{self.uri(_folder(prefix))} is already published with other files")
+        return existing
 
     def marker(self, prefix: str) -> dict | None:
         """The `_SUCCESS` JSON of a published prefix, or None."""

@@ -189,7 +189,7 @@ def test_rest_api_triggers_a_run_and_an_asset_event_starts_one(
     assert states["experiment.train"] == [("success", "exp2")]  # mapped instances labelled by experiment
     bucket = store.Store.from_env()
     assert bucket.get_json(store.winner_key("rest-trigger-1"))["winner"]["experiment"] == "exp2"
-    assert not bucket.list_keys(store.PRODUCTION_PREFIX)  # promote: false
+    assert not bucket.exists(store.PRODUCTION_KEY)  # promote: false
 
     # A producer announces a new dataset version through the asset: a run starts; its dataset (here one
     # with '..') is validated like a param, so the run fails at `plan` before any stage runs.

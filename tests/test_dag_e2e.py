@@ -60,6 +60,6 @@ def test_dags_test_runs_the_pipeline_and_publishes_a_winner(
         assert bucket.marker(store.stage_prefix(run_id, "eval", experiment)) is not None
     manifest = bucket.get_json(store.manifest_key(run_id))
     assert manifest["params"]["experiments"] == EXPERIMENTS
-    assert bucket.list_keys(store.PRODUCTION_PREFIX)
+    assert bucket.get_json(store.PRODUCTION_KEY)["run_id"] == run_id
     # The same argv the DAG built reached each stage (logged by the local runner before it starts).
     assert f"tasks eda --run-id {run_id} --dataset {dataset}" in output

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import cli
+from tasks import cli, models, selection
 from tasks import store as st
 
 CLASSES = ("background", "cat", "dog")
@@ -114,16 +114,14 @@ def champion(
     test_mdice: float,
     dataset_version: str = "v1",
     test_set_version: str | None = "t1",
+    run_id: str = "run-0",
 ) -> bytes:
     """A production champion from an earlier run (test_set_version None: a card from before test-set
-    versions); returns its weights."""
-    out = tmp_path / "champion"
-    out.mkdir()
-    weights = b"weights of the old champion"
-    (out / "model.pth").write_bytes(weights)
-    (out / "config.py").write_text("# old champion's config\n")
+    versions), promoted as select does: its version, then the pointer; returns its weights."""
+    weights = f"weights of the champion of {run_id}".encode()
+    (tmp_path / f"{run_id}.pth").write_bytes(weights)
     card = {
-        "run_id": "run-0",
+        "run_id": run_id,
         "experiment": "h1",
         "dataset_version": dataset_version,
         "checkpoint_sha256": hashlib.sha256(weights).hexdigest(),
@@ -131,15 +129,23 @@ def champion(
     }
     if test_set_version is not None:
         card["test_set_version"] = test_set_version
-    (out / "model_card.json").write_text(json.dumps(card))
-    store.publish(out, st.PRODUCTION_PREFIX, {"run_id": "run-0"})
+    version = models.publish_version(store, card, tmp_path / f"{run_id}.pth", "# old champion's config\n")
+    assert models.move_production(store, version, models.read_production(store), "set up by the test")
     return weights
 
 
 def production_weights(store: st.Store) -> bytes | None:
-    if store.marker(st.PRODUCTION_PREFIX) is None:
+    """The weights production names, checked as every reader checks them (None: no champion)."""
+    production = models.read_production(store)
+    if production.version is None:
         return None
-    return store.get_bytes(f"{st.PRODUCTION_PREFIX}/model.pth")
+    weights = store.get_bytes(f"{st.model_prefix(production.version)}/model.pth")
+    assert hashlib.sha256(weights).hexdigest() == production.pointer["checkpoint_sha256"]
+    return weights
+
+
+def production_file(store: st.Store, name: str) -> str:
+    return store.get_text(f"{st.model_prefix(models.read_production(store).version)}/{name}")
 
 
 def test_winner_by_val_not_test(run: Run, store: st.Store, capsys: pytest.CaptureFixture) -> None:
@@ -161,11 +167,14 @@ def test_winner_by_val_not_test(run: Run, store: st.Store, capsys: pytest.Captur
     assert winner["promotion"]["champion_test_mDice"] is None
 
     assert production_weights(store) == b"weights of exp2 in run-1"
-    card = store.get_json(f"{st.PRODUCTION_PREFIX}/model_card.json")
+    card = json.loads(production_file(store, "model_card.json"))
     assert card["experiment"] == "exp2" and card["run_id"] == "run-1"
     assert card["dataset_version"] == "v1" and card["test_metrics"]["mDice"] == 90.39
     assert card["test_set_version"] == "t1" and winner["winner"]["test_set_version"] == "t1"
-    assert "AdamW" in store.get_text(f"{st.PRODUCTION_PREFIX}/config.py")
+    assert "AdamW" in production_file(store, "config.py")
+    pointer = store.get_json(st.PRODUCTION_KEY)
+    assert pointer["version"] == card["version"] == f"exp2-{card['checkpoint_sha256'][:16]}"
+    assert pointer["previous"] is None and pointer["reason"] == "no champion in production yet"
 
     report = run.report()
     # the experiments' own descriptions (configs/*.py EXPERIMENT), never the bucket's config.py
@@ -231,9 +240,12 @@ def test_champion_replaced_when_beaten(run: Run, store: st.Store, tmp_path: Path
     assert promotion["decision"] == "promoted"
     assert (promotion["challenger_test_mDice"], promotion["champion_test_mDice"]) == (88.0, 85.0)
     assert production_weights(store) == b"weights of exp1 in run-1"
-    card = store.get_json(f"{st.PRODUCTION_PREFIX}/model_card.json")
-    assert card["previous_champion"]["run_id"] == "run-0" and card["previous_champion"]["test_mDice"] == 85.0
-    assert card["previous_champion"]["test_set_version"] == "t1" and card["test_set_version"] == "t1"
+    pointer = store.get_json(st.PRODUCTION_KEY)
+    assert pointer["previous"]["run_id"] == "run-0" and pointer["previous"]["test_mDice"] == 85.0
+    assert pointer["previous"]["test_set_version"] == "t1" and pointer["test_set_version"] == "t1"
+    assert promotion["champion"]["version"] == pointer["previous"]["version"]
+    # the previous version stays browsable and whole: a rollback is one pointer move
+    assert [v["run_id"] for v in models.list_versions(store) if not v["production"]] == ["run-0"]
 
 
 @pytest.mark.parametrize(("champion_mdice", "promoted"), [(92.0, False), (85.0, True)])
@@ -347,3 +359,195 @@ def test_bad_arguments_exit_2(run: Run, capsys: pytest.CaptureFixture) -> None:
     assert run.select("--gate", "75") == 2
     err = capsys.readouterr().err
     assert "--experiments 'h1,h3'" in err and "--gate 75.0" in err
+
+
+# ---------------------------------------------------------------- promotion as a transaction
+
+
+class Crash(BaseException):
+    """A process dying at a write: not an Exception, so no retry or handler of ours catches it."""
+
+
+def crash_at_write(store: st.Store, at: int) -> list[str]:
+    """Make the store die at its `at`-th write (0-based: before it); returns the keys written before.
+
+    Every write of the store goes through one of three methods (files, small objects, conditional
+    PUTs); the crash is raised in the caller's thread, before the request, as a killed process stops.
+    """
+    written: list[str] = []
+
+    def wrap(method, key_at: int):
+        def write(*args, **kwargs):
+            key = args[key_at]
+            if len(written) == at:
+                raise Crash(f"crashed before writing {key}")
+            result = method(*args, **kwargs)
+            written.append(key)
+            return result
+
+        return write
+
+    store._upload_file = wrap(store._upload_file, 1)
+    store.put_bytes = wrap(store.put_bytes, 0)
+    store.put_json_if = wrap(store.put_json_if, 0)
+    return written
+
+
+# select's writes when it promotes: the version's 3 files and marker, the pointer, then the reports
+PROMOTION_WRITES = 8
+
+
+@pytest.mark.parametrize("crash_at", range(PROMOTION_WRITES))
+def test_a_crash_at_any_write_of_a_promotion_leaves_a_valid_champion(
+    run: Run, store: st.Store, tmp_path: Path, crash_at: int
+) -> None:
+    old = champion(store, tmp_path, test_mdice=85.0)
+    old_version = models.read_production(store).version
+    run.experiment("exp1", val_mdice=90.0, val_miou=82.0, test_mdice=88.0)
+
+    crashing = st.Store.from_env()
+    written = crash_at_write(crashing, crash_at)
+    with pytest.raises(Crash):
+        selection.select(crashing, "run-1", ["exp1"])
+    assert len(written) == crash_at
+    pointer_written = st.PRODUCTION_KEY in written
+    # production names a complete model whose weights match its pointer: the old one or the winner
+    assert production_weights(store) == (b"weights of exp1 in run-1" if pointer_written else old)
+
+    # the next run of select compares against the champion production really names, and finishes
+    assert run.select() == 0
+    promotion = run.winner()["promotion"]
+    assert production_weights(store) == b"weights of exp1 in run-1"
+    if pointer_written:
+        assert promotion["decision"] == "champion kept"
+        assert promotion["reason"] == "the winner already is the production champion"
+    else:
+        assert promotion["decision"] == "promoted" and promotion["champion"]["version"] == old_version
+        assert promotion["reason"] == "winner test mDice 88.0 > champion 85.0 on test set t1"
+    assert store.get_json(st.PRODUCTION_KEY)["previous"]["version"] == old_version
+
+
+def test_every_write_of_a_promotion_is_covered_by_the_crash_test(
+    run: Run, store: st.Store, tmp_path: Path
+) -> None:
+    champion(store, tmp_path, test_mdice=85.0)
+    run.experiment("exp1", val_mdice=90.0, val_miou=82.0, test_mdice=88.0)
+    counting = st.Store.from_env()
+    written = crash_at_write(counting, PROMOTION_WRITES + 100)
+    selection.select(counting, "run-1", ["exp1"])
+    version = st.model_prefix(models.read_production(store).version)
+    assert written == [
+        f"{version}/config.py",
+        f"{version}/model.pth",
+        f"{version}/model_card.json",
+        f"{version}/_SUCCESS",
+        st.PRODUCTION_KEY,  # last of the promotion: production moves in one PUT
+        st.report_key("run-1"),
+        st.winner_key("run-1"),
+        st.manifest_key("run-1"),
+    ]
+
+
+@pytest.mark.parametrize("first", ["run-a", "run-b"])
+def test_two_selects_at_once_make_one_champion_and_two_truthful_decisions(
+    store: st.Store, tmp_path: Path, config_texts: dict[str, str], first: str
+) -> None:
+    """Both decide against the same champion, then race to move the pointer: the second one's
+    conditional PUT fails and it decides again against the first one's winner."""
+    import threading
+
+    champion(store, tmp_path, test_mdice=70.0)
+    original = models.read_production(store).version
+    scores = {"run-a": 80.0, "run-b": 85.0}
+    for run_id, test_mdice in scores.items():
+        Run(store, run_id, tmp_path, config_texts).experiment("h1", 90.0, 82.0, test_mdice)
+
+    both_decided = threading.Barrier(2, timeout=60)
+    first_moved = threading.Event()
+
+    def racing_store(run_id: str) -> st.Store:
+        racer = st.Store.from_env()
+        put = racer.client.put_object
+
+        def put_object(**kwargs):
+            if kwargs["Key"] == st.PRODUCTION_KEY and not first_moved.is_set():
+                both_decided.wait()  # both have read the same champion and decided against it
+                if run_id != first:
+                    assert first_moved.wait(60)
+                    return put(**kwargs)
+                try:
+                    return put(**kwargs)
+                finally:
+                    first_moved.set()
+            return put(**kwargs)
+
+        racer.client.put_object = put_object
+        return racer
+
+    results: dict[str, dict] = {}
+
+    def select(run_id: str) -> None:
+        results[run_id] = selection.select(racing_store(run_id), run_id, ["h1"])
+
+    threads = [threading.Thread(target=select, args=(run_id,)) for run_id in scores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert set(results) == set(scores), "a select failed"
+
+    # one champion, the better model, and production names it whole
+    assert production_weights(store) == b"weights of h1 in run-b"
+    pointer = store.get_json(st.PRODUCTION_KEY)
+    a, b = (results[run_id]["promotion"] for run_id in ("run-a", "run-b"))
+    if first == "run-a":  # a promoted against the original; b decided again against a and won
+        assert a["decision"] == b["decision"] == "promoted"
+        assert a["champion"]["version"] == original and a["champion_test_mDice"] == 70.0
+        assert b["champion"]["run_id"] == "run-a" and b["champion_test_mDice"] == 80.0
+        assert b["reason"] == "winner test mDice 85.0 > champion 80.0 on test set t1"
+        assert pointer["previous"]["run_id"] == "run-a"
+    else:  # b promoted first; a decided again against b and kept it
+        assert b["decision"] == "promoted" and b["champion"]["version"] == original
+        assert a["decision"] == "champion kept" and a["champion"]["run_id"] == "run-b"
+        assert a["reason"] == "champion kept: winner test mDice 80.0 <= champion 85.0 on test set t1"
+        assert pointer["previous"]["version"] == original
+    for run_id in scores:  # what each winner.json says is what its select did
+        recorded = Run(store, run_id, tmp_path, config_texts).winner()["promotion"]
+        assert recorded == results[run_id]["promotion"]
+
+
+def test_rollback_moves_the_pointer_to_a_kept_version(
+    run: Run, store: st.Store, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    old = champion(store, tmp_path, test_mdice=85.0)
+    old_version = models.read_production(store).version
+    run.experiment("exp1", val_mdice=90.0, val_miou=82.0, test_mdice=88.0)
+    assert run.select() == 0
+    capsys.readouterr()
+
+    assert cli.main(["models", "list"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {v["run_id"]: v["production"] for v in listed} == {"run-0": False, "run-1": True}
+
+    assert cli.main(["models", "rollback", "--to", old_version]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == old_version
+    assert production_weights(store) == old
+    assert store.get_json(st.PRODUCTION_KEY)["reason"] == f"rollback by hand to {old_version}"
+    # the next select compares against the rolled-back champion (and promotes the better winner again)
+    assert run.select() == 0
+    assert run.winner()["promotion"]["champion"]["version"] == old_version
+
+    assert cli.main(["models", "rollback", "--to", "h1-0000000000000000"]) == 2
+    assert "--to h1-0000000000000000: " in capsys.readouterr().err
+    assert production_weights(store) == b"weights of exp1 in run-1"
+
+
+def test_a_broken_pointer_stops_select_instead_of_passing_any_winner(
+    run: Run, store: st.Store, tmp_path: Path
+) -> None:
+    champion(store, tmp_path, test_mdice=95.0)
+    version = models.read_production(store).version
+    store.put_bytes(f"{st.model_prefix(version)}/model_card.json", b'{"checkpoint_sha256": "forged"}')
+    run.experiment("exp1", val_mdice=90.0, val_miou=82.0, test_mdice=88.0)
+    with pytest.raises(models.ProductionError, match="names a broken model .* rollback --to VERSION"):
+        selection.select(store, "run-1", ["exp1"])

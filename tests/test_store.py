@@ -65,7 +65,10 @@ def test_key_layout() -> None:
     assert st.winner_key("r1") == "runs/r1/winner.json"
     assert st.report_key("r1") == "runs/r1/report.md"
     assert st.manifest_key("r1") == "runs/r1/manifest.json"
-    assert st.PRODUCTION_PREFIX == "models/production"
+    assert st.PRODUCTION_KEY == "models/production.json"
+    sha = "ab" * 32
+    assert st.model_version("h1", sha) == "h1-" + "ab" * 8
+    assert st.model_prefix(st.model_version("h1", sha)) == "models/h1-" + "ab" * 8
     with pytest.raises(ValueError, match="needs an experiment"):
         st.stage_prefix("r1", "train")
     with pytest.raises(ValueError, match="unknown stage"):

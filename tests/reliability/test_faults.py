@@ -132,8 +132,9 @@ def test_rerun_with_the_same_run_id_is_idempotent(pipeline: PipelineRun) -> None
     ]
     assert [promotion["decision"] for promotion in promotions] == ["promoted", "champion kept"]
     assert promotions[1]["reason"] == "the winner already is the production champion"
-    production = sorted(key for key in second if key.startswith("models/production/"))
+    production = sorted(key for key in second if key.startswith("models/"))
     assert production and all(first[key] == second[key] for key in production)
+    assert "models/production.json" in production
 
 
 @pytest.mark.slow
