@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): infra/install_env.sh requirements/*.txt pyproject.toml
+$(STAMP): infra/install_env.sh infra/install_fiftyone.sh requirements/*.txt pyproject.toml
 	bash infra/install_env.sh $(VENV)
 	touch $(STAMP)
 
@@ -38,4 +38,4 @@ lock: setup
 	mv requirements/constraints.lock.tmp requirements/constraints.txt
 
 clean:
-	rm -rf $(VENV) .work demo-output
+	rm -rf $(VENV) $(VENV)-fiftyone .work demo-output

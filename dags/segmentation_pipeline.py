@@ -169,7 +169,7 @@ def _plan(params: Any, run_id: str | None, triggering_asset_events: Any) -> dict
 
 
 with DAG(
-    dag_id="segmentation_pipeline",
+    dag_id=runners.DAG_ID,
     description=__doc__.splitlines()[0],
     schedule=_schedule(SETTINGS.schedule),
     start_date=datetime(2026, 1, 1),

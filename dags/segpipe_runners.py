@@ -36,6 +36,7 @@ from docker.types import DeviceRequest
 
 from tasks import experiments
 
+DAG_ID = "segmentation_pipeline"
 EXPERIMENTS = experiments.names()  # one per file under configs/, in the fixed order
 DEFAULT_EXPERIMENTS = experiments.default_names()
 PROFILES = ("full", "cpu")

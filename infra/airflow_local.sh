@@ -13,6 +13,8 @@ _segpipe_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export AIRFLOW_HOME=${AIRFLOW_HOME:-$_segpipe_root/.work/airflow}
 export AIRFLOW__CORE__DAGS_FOLDER=${AIRFLOW__CORE__DAGS_FOLDER:-$_segpipe_root/dags}
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
+# The run-report UI plugin (dags/plugins/segpipe_report.py); dags/.airflowignore keeps it out of parsing.
+export AIRFLOW__CORE__PLUGINS_FOLDER=${AIRFLOW__CORE__PLUGINS_FOLDER:-$_segpipe_root/dags/plugins}
 # The default 32 starts 32 task workers of ~140 MB each.
 export AIRFLOW__CORE__PARALLELISM=${AIRFLOW__CORE__PARALLELISM:-4}
 export AIRFLOW__API__HOST=127.0.0.1

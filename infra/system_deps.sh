@@ -11,6 +11,7 @@ declare -A PROVIDES=(
   [postgresql]=pg_ctlcluster
   [redis-server]=redis-server
   [iproute2]=ip
+  [chromium]=chromium
 )
 
 missing=()

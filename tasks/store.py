@@ -140,6 +140,11 @@ def report_key(run_id: str) -> str:
     return f"{run_prefix(run_id)}/report.md"
 
 
+def review_key(run_id: str) -> str:
+    """The bad-mask list a person's review exported (tasks/review.py), in the study's format."""
+    return f"{run_prefix(run_id)}/review/bad_mask_paths.json"
+
+
 def manifest_key(run_id: str) -> str:
     return f"{run_prefix(run_id)}/manifest.json"
 

@@ -116,6 +116,20 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def finished_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A finished `airflow dags test` run on its own S3 server (tests/finished_run.py), read-only."""
+    from finished_run import run_pipeline
+
+    base = tmp_path_factory.mktemp("finished_run")
+    server = S3Server(base / "moto.log")
+    server.start()
+    try:
+        yield run_pipeline(server, tiny_dataset, base)
+    finally:
+        server.stop()
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """os.environ (with the fixtures' settings) plus extra, for `python -m tasks` subprocesses."""
     return {**os.environ, **extra}
