@@ -11,6 +11,7 @@ setup: $(STAMP)
 
 $(STAMP): infra/install_env.sh infra/install_fiftyone.sh requirements/*.txt pyproject.toml
 	bash infra/install_env.sh $(VENV)
+	bash infra/install_fiftyone.sh $(VENV)-fiftyone
 	touch $(STAMP)
 
 # Debian packages for the suite's real engines and servers (Docker, ...): installed when missing.

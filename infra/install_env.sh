@@ -3,7 +3,7 @@
 # Idempotent: pip skips what is already installed at the pinned version. Called by `make setup`.
 # The trainer image (images/trainer/Dockerfile) runs this same script, a few parts per layer:
 #   install_env.sh VENV [PART...]   parts, in this order: tools torch tasks airflow dev mmcv sam2
-#                                   project check fiftyone (default: all of them, the local environment)
+#                                   project check (default: all of them, the local environment)
 # MMCV_OPS=1 builds mmcv with its compiled ops instead of installing mmcv-lite (needs a C++ compiler,
 # and nvcc for the CUDA ops: the image's `ops` build stage has both); SAM2_BUILD_CUDA=1 likewise
 # builds sam2's CUDA extension. WHEELS_DIR=DIR: the mmcv and sam2 parts build wheels into DIR
@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-.venv}
 shift || true
-PARTS=" ${*:-tools torch tasks airflow dev mmcv sam2 project check fiftyone} "
+PARTS=" ${*:-tools torch tasks airflow dev mmcv sam2 project check} "
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 want() { [[ $PARTS == *" $1 "* ]]; }
@@ -72,6 +72,4 @@ fi
 # setuptools installed above: no download).
 want project && "${PIP[@]}" --no-deps --no-build-isolation -e .
 want check && "$VENV/bin/python" -m pip check
-# FiftyOne (python -m tasks review) in an environment of its own beside this one: its pins clash with ours.
-want fiftyone && bash infra/install_fiftyone.sh "${VENV%/}-fiftyone"
 exit 0

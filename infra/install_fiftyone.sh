@@ -2,7 +2,7 @@
 # Builds the review environment in $1 (default .venv-fiftyone): FiftyOne 1.22.1 and a mongod that runs
 # here, apart from the main venv (FiftyOne pins its own numpy/pandas/starlette/...: requirements/
 # fiftyone-constraints.txt is its lock). `python -m tasks review` runs tasks/review_app.py in it.
-# Idempotent; called by infra/install_env.sh (make setup). ~60 s and ~1 GB the first time.
+# Idempotent; `make setup` runs it after infra/install_env.sh. ~60 s and ~1 GB the first time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-.venv-fiftyone}
