@@ -31,6 +31,8 @@ from airflow.sdk import (
 )
 from airflow.sdk.exceptions import AirflowFailException, ParamValidationError
 
+from tasks import overrides
+
 SETTINGS = runners.Settings.from_env()
 LOCATION = SETTINGS.location_pattern
 
@@ -110,13 +112,13 @@ PARAMS = {
     ),
     "cfg_options": Param(
         None,
-        type=["null", "object"],
-        propertyNames={"pattern": runners.CFG_OPTION_KEY},
-        additionalProperties={"type": "string", "pattern": runners.CFG_OPTION_VALUE},
+        # tasks.overrides' rule itself: exactly the keys and values `train --cfg-options` accepts
+        **overrides.cfg_options_schema(),
         title="Config overrides",
         description=(
-            "mmseg config overrides for every training (`--cfg-options`), e.g. "
-            '{"train_cfg.val_interval": "1", "model.decode_head.channels": "32"}; empty: none.'
+            "mmseg config overrides for every training (`--cfg-options`), values only, e.g. "
+            '{"train_cfg.val_interval": "1", "optim_wrapper.optimizer.lr": "0.005"}; empty: none. '
+            "Allowed keys: " + ", ".join(overrides.ALLOWED) + "."
         ),
     ),
     "relabel_strategy": Param(
@@ -139,18 +141,16 @@ PARAMS = {
         ),
     ),
     "quality_gate": Param(
-        0.75,
-        type="number",
-        minimum=0,
-        maximum=1,
+        overrides.DEFAULT_GATE,
+        **overrides.GATE_SCHEMA,  # select's own bounds (tasks.overrides.check_gate)
         title="Quality gate",
-        description="Minimum test mDice (fraction) of the winner to promote it.",
+        description="The winner's test mDice (a fraction in [0, 1)) must exceed it to be promoted.",
     ),
     "promote": Param(
         True,
         type="boolean",
         title="Promote",
-        description="Promote a winner that passes the gate to models/production (champion/challenger).",
+        description="Promote a winner that passes the gate to production (champion/challenger).",
     ),
 }
 

@@ -58,11 +58,6 @@ NO_RETRY_EXIT_CODES = {2: "bad input", 3: "quality gate failed"}
 # DockerOperator gives a container's exit code only inside its exception's message, the Docker API's
 # wait result: "Docker container failed: {'Error': None, 'StatusCode': 2}".
 _DOCKER_STATUS_CODE = re.compile(r"'StatusCode': (-?\d+)")
-# JSON-schema patterns of a training's config override (the `cfg_options` param): the key has
-# tasks.train.CFG_OPTION_KEY's rule (kept here: the Airflow side does not import tasks/), so the
-# argv item KEY=VALUE never reads as an option; the value is one line of printable text.
-CFG_OPTION_KEY = r"^(?!.*\n)[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*$"
-CFG_OPTION_VALUE = r"^(?!.*\n)[^\x00-\x1f\x7f]*$"
 # Same rule as tasks.store.check_run_id (kept here: the Airflow side does not import tasks/).
 RUN_ID_MAX = 128
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]")

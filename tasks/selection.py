@@ -34,14 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from tasks import experiments as ex
-from tasks import models
+from tasks import models, overrides
 from tasks import store as st
 from tasks.errors import InputError, QualityGateError
 from tasks.experiments import PER_CLASS_KEYS, SUMMARY_KEYS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GATE = 0.75
+DEFAULT_GATE = overrides.DEFAULT_GATE  # one default for the CLI and the DAG form
 TEST_SET_VERSION = "test_set_version"  # in test_metrics.json (evaluate) and model_card.json
 TIE_BREAK = "higher val mDice; tie -> higher val mIoU; tie -> fixed order " + ", ".join(ex.names())
 
@@ -475,8 +475,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if not 0 <= args.gate < 1:
-        raise InputError(f"--gate {args.gate}: expected a fraction in [0, 1), e.g. 0.75")
+    overrides.check_gate(args.gate)  # the DAG's quality_gate param has the same bounds
     experiments = parse_experiments(args.experiments)
     store = st.Store.from_env()
     try:

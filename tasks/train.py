@@ -23,17 +23,15 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmengine.config import Config, DictAction
+from mmengine.config import Config
 from mmengine.hooks import Hook
 
-from tasks import experiments, mmcompat
+from tasks import experiments, mmcompat, overrides
 from tasks.dataset import SPLITS
 from tasks.errors import InputError
 from tasks.experiments import PER_CLASS_KEYS, SUMMARY_KEYS
@@ -53,20 +51,6 @@ PROFILE_DIR = experiments.CONFIG_DIR / "profiles"
 PROFILES = ("full", "cpu")
 BEST_INFO_KEY = "best_val"  # message-hub entry: the best epoch's checkpoint name, epoch and metrics
 MIRROR_INDEX = "mirror.json"  # written last: the mirror's files, epoch and inputs
-# A --cfg-options key: dotted names, list items by index (custom_hooks.0.patience). The DAG's params
-# schema holds the same rule (dags/segpipe_runners.py CFG_OPTION_KEY; tests/test_dag_params.py).
-CFG_OPTION_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*")
-# Config keys the stage sets itself: an override would be replaced, or would skip a check or the cache.
-OWNED_KEYS = {
-    "train_cfg.max_epochs": "use --max-epochs (it also moves the end of the LR schedule)",
-    "model.pretrained": "use --pretrained (the weights are checked and part of the training's inputs)",
-    "data_root": "use --dataset",
-    "work_dir": "the stage sets its own work dir",
-    "load_from": "the stage resumes from its own mirror",
-    "resume": "the stage resumes from its own mirror",
-}
-
-
 # ---------------------------------------------------------------- configs
 
 
@@ -147,24 +131,6 @@ def apply_profile(cfg: Config, profile: str) -> Config:
     return cfg
 
 
-def parse_cfg_options(items: Sequence[str]) -> dict[str, Any]:
-    """`--cfg-options KEY=VALUE ...` -> {key: value}, parsed as mmseg's tools/train.py parses them
-    (mmengine's DictAction: int, float, true/false, None, [list], (tuple), else the string)."""
-    action = DictAction(option_strings=["--cfg-options"], dest="cfg_options")
-    namespace = argparse.Namespace(cfg_options={})
-    for item in items:  # one at a time, so an error names its own option
-        key, sep, _ = item.partition("=")
-        if not sep or not CFG_OPTION_KEY.fullmatch(key):
-            raise InputError(
-                f"--cfg-options {item}: expected KEY=VALUE, KEY dotted (e.g. train_cfg.val_interval=1)"
-            )
-        try:
-            action(None, namespace, [item])
-        except AssertionError as err:  # DictAction asserts balanced brackets
-            raise InputError(f"--cfg-options {item}: {err}") from err
-    return namespace.cfg_options
-
-
 def _kind(value: Any) -> str | None:
     """What an overridden value has to stay (None: anything goes)."""
     if isinstance(value, bool):
@@ -180,30 +146,36 @@ def _kind(value: Any) -> str | None:
     return None
 
 
-def _registered_type(name: str) -> bool:
-    """Whether a registry of mmseg's scope (models, transforms, hooks, optimizers, ...) knows name."""
-    mmcompat.apply()  # before the first mmseg import
-    import mmseg.registry
-    from mmengine.registry import Registry
+def registered_name(name: str, registry_name: str) -> bool:
+    """Whether mmseg's registry `registry_name` or its mmengine parent holds `name` itself.
 
-    registries = [obj for obj in vars(mmseg.registry).values() if isinstance(obj, Registry)]
-    return any(registry.get(name) is not None for registry in registries)
+    Looked up in the registries' own tables, never through `Registry.get`, which imports any dotted
+    path it is given (`subprocess.Popen` would be "registered").
+    """
+    mmcompat.apply()  # before the first mmseg import
+    import mmengine.optim  # noqa: F401  (registers mmengine's optimizers and wrappers)
+    import mmseg.registry
+
+    registry = getattr(mmseg.registry, registry_name)
+    registry.import_from_location()
+    while registry is not None:
+        if name in registry.module_dict:
+            return True
+        registry = registry.parent
+    return False
 
 
 def apply_cfg_options(cfg: Config, options: dict[str, Any]) -> Config:
-    """Merge --cfg-options into a resolved config, refusing what would only fail later, mid-run.
+    """Merge overrides into a resolved config: values only (tasks.overrides), checked against it.
 
-    Refused (InputError naming the option): the keys the stage sets itself (OWNED_KEYS, any
-    data_root), a path through a section or list item that does not exist, a value of another kind
-    than the one it replaces (a number stays a number, a section is not replaced by a scalar), and a
-    `type` no registry knows. New keys inside existing sections are allowed.
+    Refused (InputError naming the option): anything tasks.overrides refuses (keys outside its
+    allow-list, values of another kind), a key the experiment's config does not have (a path through
+    a section or list item that does not exist, or a leaf that is not there), a value of another kind
+    than the one it replaces, and a name its registry does not hold.
     """
-    for key, value in options.items():
+    for key, value in overrides.check_values(options).items():
         option = f"--cfg-options {key}={value}"
         *parents, leaf = key.split(".")
-        owned = OWNED_KEYS.get(key) or (OWNED_KEYS["data_root"] if leaf == "data_root" else None)
-        if owned:
-            raise InputError(f"{option}: {owned}")
         node: Any = cfg
         for depth, part in enumerate(parents):
             try:
@@ -215,12 +187,15 @@ def apply_cfg_options(cfg: Config, options: dict[str, Any]) -> Config:
             raise InputError(f"{option}: {key} is not an item of a {len(node)}-item list")
         if not isinstance(node, Config | dict | list):
             raise InputError(f"{option}: {'.'.join(parents)} is {node!r}, not a section")
-        old = node[int(leaf)] if isinstance(node, list) else node.get(leaf)
+        if not isinstance(node, list) and leaf not in node:
+            raise InputError(f"{option}: {key} does not exist in the {cfg.experiment} config")
+        old = node[int(leaf)] if isinstance(node, list) else node[leaf]
         if None not in (_kind(old), _kind(value)) and _kind(old) != _kind(value):
             has = "" if isinstance(old, dict) else f" (the config has {old!r})"
             raise InputError(f"{option}: expected {_kind(old)}{has}")
-        if leaf == "type" and not _registered_type(value):
-            raise InputError(f"{option}: no registered type {value!r} (mmseg/mmengine registries)")
+        registry = overrides.kind_of(key).registry
+        if registry and not registered_name(value, registry):
+            raise InputError(f"{option}: no {value!r} in the {registry} registry (mmseg/mmengine)")
         cfg.merge_from_dict({key: value})
     return cfg
 
@@ -238,7 +213,7 @@ def load_experiment_config(
 
     dataset_root: a dataset in the study's layout (a view from `prepare_dataset_view`); pretrained:
     a local backbone checkpoint (full profile only; None = train from scratch); cfg_options: from
-    `parse_cfg_options`, merged last and recorded as `cfg_options`.
+    `overrides.parse_items` (or recorded ones), merged last and recorded as `cfg_options`.
     """
     cfg = Config.fromfile(experiment_config_path(experiment))  # imports tasks.mmseg_setup (custom_imports)
     apply_profile(cfg, profile)
@@ -255,8 +230,9 @@ def load_experiment_config(
                 f"(ResNet-50 V1c, MiT-B2); the {profile} profile shrinks the backbone"
             )
         cfg.model.pretrained = str(pretrained)
+    cfg.experiment, cfg.profile = experiment, profile
     apply_cfg_options(cfg, cfg_options or {})
-    cfg.experiment, cfg.profile, cfg.cfg_options = experiment, profile, cfg_options or {}
+    cfg.cfg_options = cfg_options or {}
     return cfg
 
 
@@ -474,7 +450,7 @@ def train_experiment(
 ) -> dict:
     """Train (or resume, or reuse) one experiment; returns a summary of the published outputs.
 
-    cfg_options: config overrides from `parse_cfg_options`, merged last (see `apply_cfg_options`).
+    cfg_options: config overrides from `overrides.parse_items`, merged last (see `apply_cfg_options`).
     """
     check_run_id(run_id)
     experiment_config_path(experiment)
@@ -627,7 +603,7 @@ def main(args: argparse.Namespace) -> int:
         args.profile,
         args.max_epochs,
         args.pretrained,
-        cfg_options=parse_cfg_options(args.cfg_options),
+        cfg_options=overrides.parse_items(args.cfg_options),
     )
     print(json.dumps(summary, indent=2))
     return 0

@@ -4,7 +4,6 @@ reach the stages as inert argument-list items (no shell, no template, no option 
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +16,8 @@ from airflow.sdk.execution_time.context import TriggeringAssetEventsAccessor
 from conftest import subprocess_env
 from test_dag import AIRFLOW_RUN_ID, DOCKER_ENV, ROOT, parse_dag, plan_xcoms, render, run_params, runners
 
-from tasks import experiments, relabel, store, train
+from tasks import cli, experiments, overrides, relabel, store, train
+from tasks.errors import InputError
 
 BAD_CONFS = {
     "unknown experiment": {"experiments": ["h1", "h3"]},
@@ -25,6 +25,7 @@ BAD_CONFS = {
     "duplicate experiment": {"experiments": ["h1", "h1"]},
     "experiments not a list": {"experiments": "h1"},
     "gate above 1": {"quality_gate": 1.5},
+    "gate of 1 (select refuses it: nothing can exceed it)": {"quality_gate": 1},
     "gate below 0": {"quality_gate": -0.1},
     "gate not a number": {"quality_gate": "high"},
     "unknown profile": {"profile": "gpu"},
@@ -48,6 +49,10 @@ BAD_CONFS = {
     "empty cfg option key part": {"cfg_options": {"train_cfg..val_interval": "1"}},
     "newline in cfg option key": {"cfg_options": {"train_cfg.val_interval\n": "1"}},
     "newline in cfg option value": {"cfg_options": {"train_cfg.val_interval": "1\n--max-epochs"}},
+    "cfg option running a command": {"cfg_options": {"default_hooks.timer.type": "subprocess.Popen"}},
+    "cfg option importing a module": {"cfg_options": {"custom_imports.imports": "[somemodule]"}},
+    "cfg option outside the allow-list": {"cfg_options": {"model.backbone.depth": "101"}},
+    "cfg option of the wrong kind": {"cfg_options": {"train_cfg.val_interval": "often"}},
 }
 # Absolute, no '..': the schema lets it through, so it must stay one inert argument.
 HOSTILE = (
@@ -114,7 +119,7 @@ def test_schema_accepts_the_defaults_and_a_full_conf(dag: Any) -> None:
             "train_cfg.val_interval=1",
             "model.decode_head.dilations=(1, 2, 4, 8)",
         ]
-        parsed = train.parse_cfg_options(spec["train"][-2:])  # as the stage reads them
+        parsed = overrides.parse_items(spec["train"][-2:])  # as the stage reads them
         assert parsed == {"train_cfg.val_interval": 1, "model.decode_head.dilations": (1, 2, 4, 8)}
     # no overrides (null or {}): no --cfg-options at all
     for cfg_options in (None, {}):
@@ -197,10 +202,44 @@ def test_choices_match_the_stage_clis() -> None:
     assert experiments.names() == runners.EXPERIMENTS  # one source: the files under configs/
     assert runners.PROFILES == train.PROFILES
     assert runners.RELABEL_STRATEGIES == relabel.STRATEGIES
-    # the params' --cfg-options key rule is the stage's
-    keys = ("train_cfg.val_interval", "custom_hooks.0.patience", "_x", "a..b", "-a", "a.", "0a", "a b", "a\n")
-    for key in keys:
-        assert bool(re.search(runners.CFG_OPTION_KEY, key)) == bool(train.CFG_OPTION_KEY.fullmatch(key)), key
+
+
+def test_the_form_accepts_exactly_the_cfg_options_the_train_cli_accepts(dag: Any) -> None:
+    """One rule (tasks.overrides): the params schema is generated from the list the CLI checks."""
+    from test_train import REFUSED_CFG_OPTIONS
+
+    good = ["optim_wrapper.type=AmpOptimWrapper", "custom_hooks.0.min_delta=0.5", "randomness.seed=7"]
+    items = good + [item for _, item, _ in REFUSED_CFG_OPTIONS if "=" in item]
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            run_params(dag, cfg_options={key: value})
+            form = True
+        except ParamValidationError:
+            form = False
+        try:
+            overrides.parse_items([item])
+            cli_accepts = True
+        except InputError:
+            cli_accepts = False
+        assert form == cli_accepts, item
+    assert all(overrides.parse_items([item]) for item in good)
+
+
+@pytest.mark.parametrize("gate", [-0.1, 0, 0.5, 0.999, 1, 1.5])
+def test_a_gate_the_form_accepts_is_one_select_accepts(
+    dag: Any, s3_env: dict, gate: float, capsys: pytest.CaptureFixture
+) -> None:
+    try:
+        run_params(dag, quality_gate=gate)
+        form = True
+    except ParamValidationError:
+        form = False
+    # select with an accepted gate goes on (and finds no experiment: exit 1); a refused one exits 2
+    code = cli.main(["select", "--run-id", "r1", "--gate", str(gate), "--experiments", "h1"])
+    assert code in (1, 2)
+    assert form == (code == 1), capsys.readouterr().err
+    assert form == (0 <= gate < 1)
 
 
 @pytest.mark.slow

@@ -18,11 +18,11 @@ from conftest import subprocess_env
 
 from tasks import train
 from tasks.errors import InputError
+from tasks.overrides import check_values, parse_items
 from tasks.store import Store, stage_prefix
 from tasks.train import (
     MIRROR_INDEX,
     load_experiment_config,
-    parse_cfg_options,
     prepare_dataset_view,
     resolve_train_labels,
     restore_mirror,
@@ -184,7 +184,7 @@ def test_bad_arguments_exit_2_with_a_clear_message(s3_env: dict, tiny_dataset: P
 
 def test_cfg_options_are_merged_last_and_recorded() -> None:
     items = ["train_cfg.val_interval=1", "custom_hooks.0.patience=3", "model.decode_head.dilations=(1,2,4,8)"]
-    options = parse_cfg_options(items)
+    options = parse_items(items)
     assert options == {
         "train_cfg.val_interval": 1,
         "custom_hooks.0.patience": 3,
@@ -197,32 +197,100 @@ def test_cfg_options_are_merged_last_and_recorded() -> None:
     assert cfg.model.decode_head.dilations == (1, 2, 4, 8)
     assert cfg.cfg_options == options  # recorded in the resolved config (published as config.py)
     assert load_experiment_config("h1", "cpu").cfg_options == {}
+    # every other kind of allowed value, on the experiment that has the key
+    more = parse_items(
+        [
+            "optim_wrapper.type=AmpOptimWrapper",
+            "optim_wrapper.optimizer.lr=1e-3",
+            "model.decode_head.loss_decode.0.class_weight=[0.1,1,1.5]",
+            "randomness.deterministic=true",
+            "train_dataloader.num_workers=0",
+        ]
+    )
+    cfg = load_experiment_config("h2", "cpu", cfg_options=more)
+    assert cfg.optim_wrapper.type == "AmpOptimWrapper" and cfg.optim_wrapper.optimizer.lr == 0.001
+    assert cfg.model.decode_head.loss_decode[0].class_weight == [0.1, 1, 1.5]
+    assert cfg.randomness.deterministic is True and cfg.train_dataloader.num_workers == 0
 
 
-@pytest.mark.parametrize(
-    ("item", "problem"),
-    [
-        ("train_cfg.val_interval", "expected KEY=VALUE"),
-        ("-x=1", "expected KEY=VALUE"),
-        ("model..type=1", "expected KEY=VALUE"),
-        ("model.decode_head.dilations=(1,2", "Imbalanced brackets"),
-        ("model.decode_head.type=NoSuchHead", "no registered type 'NoSuchHead'"),
-        ("model.decode_head.num_classes=many", "expected a number (the config has 3)"),
-        ("model=1", "expected a section"),
-        ("train_cfgg.val_interval=1", "train_cfgg does not exist in the config"),
-        ("custom_hooks.4.patience=1", "custom_hooks.4 does not exist in the config"),
-        ("model.decode_head.num_classes.x=1", "model.decode_head.num_classes is 3, not a section"),
-        ("train_cfg.max_epochs=3", "use --max-epochs"),
-        ("model.pretrained=/tmp/w.pth", "use --pretrained"),
-        ("train_dataloader.dataset.data_root=/data", "use --dataset"),
-        ("work_dir=/tmp/w", "the stage sets its own work dir"),
-    ],
-)
-def test_bad_cfg_options_are_refused_naming_the_option(item: str, problem: str) -> None:
+# One per kind of refusal: (experiment, KEY=VALUE, what the error says). On the old main the first
+# two ran code (tests/reliability/test_bad_inputs.py shows them end to end).
+REFUSED_CFG_OPTIONS = [
+    ("h1", "default_hooks.timer.type=subprocess.Popen", "a `type` names the code mmengine builds"),
+    ("h1", "default_hooks.timer.args=[touch,/tmp/x]", "not an override this pipeline allows"),
+    ("h1", "custom_imports.imports=[os]", "imports Python modules"),
+    ("h1", "custom_imports.allow_failed_imports=True", "imports Python modules"),
+    ("exp2", "optim_wrapper._delete_=True", "replaces a whole section"),
+    ("h1", "model._scope_=mmengine", "_scope_ is one of mmengine's special keys"),
+    ("h1", "_base_=/tmp/evil.py", "_base_ is one of mmengine's special keys"),
+    ("h1", "default_scope=mmengine", "changes the registry that turns every `type` into code"),
+    ("h1", "model.decode_head.type=FCNHead", "a `type` names the code mmengine builds"),
+    # lazy-import tricks: a dotted path where a registered name goes, a file to unpickle, a template
+    ("h1", "optim_wrapper.type=torch.optim.SGD", "a dotted name imports a module"),
+    ("h1", "optim_wrapper.type=mmengine.optim.OptimWrapper", "a dotted name imports a module"),
+    ("h2", "model.decode_head.loss_decode.0.class_weight=/tmp/weights.pkl", "expected a list of 1 to 16"),
+    ("h1", "randomness.seed={{fileDirname}}", "expected a whole number of at least 0"),
+    ("h1", "optim_wrapper.type=NoSuchWrapper", "expected OptimWrapper or AmpOptimWrapper"),
+    # outside the allow-list, malformed, or of the wrong kind
+    ("h1", "model.backbone.depth=101", "not an override this pipeline allows"),
+    ("h1", "train_cfg.val_interval", "expected KEY=VALUE"),
+    ("h1", "-x=1", "not an override this pipeline allows"),
+    ("h1", "train_cfg.val_interval=abc", "expected a whole number of at least 1"),
+    ("h1", "train_cfg.val_interval=0", "expected a whole number of at least 1"),
+    ("h1", "optim_wrapper.optimizer.lr=-1", "expected a number of at least 0"),
+    ("h1", "optim_wrapper.optimizer.lr=nan", "expected a number of at least 0"),
+    ("h1", "model.decode_head.dilations=(1,2", "expected a list of 1 to 8 whole numbers"),
+    ("h1", "randomness.deterministic=yes", "expected true or false"),
+    ("h1", "train_cfg.val_interval=1\n--max-epochs=9", "expected a whole number of at least 1"),
+    # the stage's own keys
+    ("h1", "train_cfg.max_epochs=3", "use --max-epochs"),
+    ("h1", "model.pretrained=/tmp/w.pth", "use --pretrained"),
+    ("h1", "train_dataloader.dataset.data_root=/data", "use --dataset"),
+    ("h1", "work_dir=/tmp/w", "the stage sets its own work dir"),
+    # allowed keys the experiment's config does not have
+    ("exp2", "optim_wrapper.optimizer.momentum=0.5", "does not exist in the exp2 config"),
+    ("exp2", "model.decode_head.dilations=(1,2)", "does not exist in the exp2 config"),
+    ("h1", "model.decode_head.loss_decode.0.class_weight=[1,1,1]", "does not exist in the h1 config"),
+    ("h1", "custom_hooks.4.patience=1", "custom_hooks.4 does not exist in the config"),
+]
+
+
+@pytest.mark.parametrize(("experiment", "item", "problem"), REFUSED_CFG_OPTIONS)
+def test_bad_cfg_options_are_refused_naming_the_option(experiment: str, item: str, problem: str) -> None:
     with pytest.raises(InputError) as info:
-        load_experiment_config("h1", "cpu", cfg_options=parse_cfg_options([item]))
+        load_experiment_config(experiment, "cpu", cfg_options=parse_items([item]))
     assert str(info.value).startswith(f"--cfg-options {item.split('=')[0]}")
     assert problem in str(info.value)
+
+
+def test_recorded_cfg_options_are_checked_by_the_same_rule() -> None:
+    """What evaluate rebuilds a config from (the options a training recorded in the store)."""
+    assert check_values({"train_cfg.val_interval": 1, "model.decode_head.dilations": [1, 2]})
+    for forged in (
+        {"default_hooks.timer.type": "subprocess.Popen"},
+        {"custom_imports.imports": ["os"]},
+        {"train_cfg.val_interval": 1.5},
+        {"train_cfg.val_interval": True},
+        {"optim_wrapper.type": "subprocess.Popen"},
+        {"model.decode_head.loss_decode.0.class_weight": "/tmp/w.pkl"},
+    ):
+        with pytest.raises(InputError, match="--cfg-options"):
+            check_values(forged)
+    with pytest.raises(InputError, match="expected a mapping"):
+        check_values(["train_cfg.val_interval=1"])
+
+
+def test_type_names_are_looked_up_in_the_registries_never_imported() -> None:
+    from tasks.overrides import ALLOWED
+
+    assert not train.registered_name("subprocess.Popen", "OPTIM_WRAPPERS")
+    # Registry.get would import the module of a dotted name; the lookup never does
+    imported_before = "wave" in sys.modules
+    assert not train.registered_name("wave.Wave_read", "OPTIM_WRAPPERS")
+    assert ("wave" in sys.modules) == imported_before
+    for kind in {kind for kind in ALLOWED.values() if kind.registry}:
+        for name in kind.pattern.split("|"):  # every name an allowed `type` may take is registered
+            assert train.registered_name(name, kind.registry), name
 
 
 def test_cfg_options_are_part_of_the_training_inputs(

@@ -217,23 +217,59 @@ def test_train_overrides_are_checked(
     assert Store.from_env().list_keys("runs") == []
 
 
-def test_train_cfg_options_naming_no_registered_type_exit_2_and_publish_nothing(
-    s3_env: dict[str, str], tiny_dataset: Path
-) -> None:
-    option = "model.decode_head.type=NoSuchHead"
-    cmd = [sys.executable, "-m", "tasks", *train_args(str(tiny_dataset), "--profile", "cpu")]
-    result = subprocess.run(
-        [*cmd, "--cfg-options", "train_cfg.val_interval=1", option],
+def _train_with_options(tiny_dataset: Path, *options: str, **env: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "tasks",
+        *train_args(str(tiny_dataset), "--profile", "cpu", "--max-epochs", "1"),
+    ]
+    return subprocess.run(
+        [*cmd, "--cfg-options", "train_cfg.val_interval=1", *options],
         cwd=ROOT,
-        env=subprocess_env(),
+        env=subprocess_env(**env),
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def test_cfg_options_that_would_run_a_command_exit_2_and_run_nothing(
+    s3_env: dict[str, str], tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """The issue's example: on the old main mmengine's registry imported subprocess.Popen and built it
+    as the timer hook, which created the file (the stage then failed with exit 1, to be retried)."""
+    created = tmp_path / "x"
+    result = _train_with_options(
+        tiny_dataset,
+        "default_hooks.timer.type=subprocess.Popen",
+        f"default_hooks.timer.args=[touch,{created}]",
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and f"error: --cfg-options {option}: no registered type 'NoSuchHead'" in errors[0]
+    assert errors == [
+        "error: --cfg-options default_hooks.timer.type=subprocess.Popen: a `type` names the code mmengine "
+        "builds (overrides are values, never code); the only one that may change is optim_wrapper.type"
+    ]
+    assert not created.exists()
     # refused before the dataset is read: nothing under the run's prefix, nor anywhere else
+    assert bucket_state(Store.from_env()) == {}
+
+
+def test_cfg_options_that_would_import_a_module_exit_2_and_import_nothing(
+    s3_env: dict[str, str], tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """On the old main `custom_imports.imports=[...]` trained with exit 0, then evaluate imported the
+    module (here one that writes a file when imported)."""
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    imported = tmp_path / "imported"
+    (modules / "somemodule.py").write_text(f"open({str(imported)!r}, 'w').close()\n")
+    path = os.pathsep.join([str(modules), os.environ.get("PYTHONPATH", str(ROOT))])
+    result = _train_with_options(tiny_dataset, "custom_imports.imports=[somemodule]", PYTHONPATH=path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "error: --cfg-options custom_imports.imports=[somemodule]: imports Python modules" in result.stderr
+    assert not imported.exists()
     assert bucket_state(Store.from_env()) == {}
 
 
