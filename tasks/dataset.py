@@ -438,7 +438,10 @@ def main(args: argparse.Namespace) -> int:
         ref = store_module.materialize_dataset(args.dataset, store)
     summary["uri"] = ref.uri
     if args.run_id is not None:
-        dataset = {"name": ref.name, "version": ref.version, "uri": ref.uri, "splits": summary["splits"]}
+        # the stages after validate read exactly this version (store.pinned_dataset)
+        dataset = store_module.pin_dataset(args.dataset, ref, store)
+        summary["uri"] = dataset["uri"]
+        dataset["splits"] = summary["splits"]
         dataset["split_versions"] = summary["split_versions"]
         dataset["converted"] = len(summary["converted"])
         store_module.update_manifest(

@@ -466,7 +466,7 @@ def main(args: argparse.Namespace) -> int:
     run_id = store.check_run_id(args.run_id)
     check_tiny_area(args.tiny_area)
     st = store.Store.from_env()
-    ref = store.materialize_dataset(args.dataset, st)
+    ref = store.materialize_dataset(args.dataset, st, run_id=args.run_id)
     prefix = store.stage_prefix(run_id, "eda")
     inputs = {"dataset_version": ref.version, "scorer": scorer_settings(args.tiny_area)}
     if st.is_current(prefix, inputs):

@@ -291,7 +291,7 @@ def evaluate_experiment(
     train_marker = store.marker(train_prefix)
     if train_marker is None:
         raise InputError(f"stage {train_prefix} has not published outputs (train {experiment} first)")
-    dataset = materialize_dataset(dataset_uri or recorded_dataset_uri(store, run_id), store)
+    dataset = materialize_dataset(dataset_uri or recorded_dataset_uri(store, run_id), store, run_id=run_id)
     trained_on = train_marker["inputs"].get("dataset_version")
     if trained_on != dataset.version:
         raise InputError(

@@ -344,16 +344,20 @@ def load_bad_list(source: str, root: Path, st: store.Store) -> list[str]:
         key = store.parse_s3_uri(source, st.bucket)
         if not st.exists(key):
             raise InputError(f"--bad-masks {source}: no such object in the bucket")
-        text = st.get_text(key)
+        data = st.get_bytes(key)
     else:
         path = Path(source).expanduser()
         if not path.is_file():
             raise InputError(f"--bad-masks {source}: file not found")
-        text = path.read_text()
+        data = path.read_bytes()
     try:
-        entries = json.loads(text)
+        entries = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise InputError(f"--bad-masks {source}: not UTF-8 text ({err})") from err
     except json.JSONDecodeError as err:
         raise InputError(f"--bad-masks {source}: not valid JSON ({err})") from err
+    except RecursionError as err:  # json's C parser recurses once per nesting level
+        raise InputError(f"--bad-masks {source}: JSON nested too deeply to be a list of mask paths") from err
     if not isinstance(entries, list):
         raise InputError(
             f"--bad-masks {source}: expected a JSON list of mask paths, got {type(entries).__name__}"
@@ -569,7 +573,7 @@ def main(args: argparse.Namespace) -> int:
     run_id = store.check_run_id(args.run_id)
     eda.check_tiny_area(args.tiny_area)
     st = store.Store.from_env()
-    ref = store.materialize_dataset(args.dataset, st)
+    ref = store.materialize_dataset(args.dataset, st, run_id=args.run_id)
     given = load_bad_list(args.bad_masks, ref.root, st) if args.bad_masks else []
     plan, build_repair = plan_strategy(args, st)
     scores, score_source = suspicious_scores(st, run_id, ref.root, ref.version, args.tiny_area)

@@ -466,7 +466,7 @@ def train_experiment(
     cfg = load_experiment_config(
         experiment, profile, max_epochs=max_epochs, pretrained=weights, cfg_options=cfg_options
     )
-    ds = materialize_dataset(dataset, store)
+    ds = materialize_dataset(dataset, store, run_id=run_id)  # the version validate pinned
     labels = resolve_train_labels(store, run_id, ds.root, exp_dir / "relabel")
     inputs = {
         "dataset_version": ds.version,

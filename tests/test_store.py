@@ -14,7 +14,7 @@ import pytest
 from boto3.s3.transfer import TransferConfig
 
 from tasks import store as st
-from tasks.dataset import content_hash
+from tasks.dataset import content_hash, dataset_files
 from tasks.errors import InputError
 from tasks.store import ChecksumMismatch, RetryPolicy, Store, fetch_weights, weights_key
 
@@ -300,8 +300,9 @@ def test_materialize_local_dataset_uploads_once(store: Store, tiny_dataset: Path
     assert (ref.root, ref.name, ref.version) == (tiny_dataset.resolve(), "synth", version)
     assert ref.uri == f"s3://{store.bucket}/datasets/synth/{version}"
     marker = store.marker(f"datasets/synth/{version}")
-    local_files = {p.relative_to(tiny_dataset).as_posix() for p in tiny_dataset.rglob("*") if p.is_file()}
-    assert set(marker["files"]) == local_files
+    # the dataset's own files, what its version covers; not synth's provenance file beside them
+    assert sorted(marker["files"]) == dataset_files(tiny_dataset)
+    assert "synth.json" not in marker["files"] and (tiny_dataset / "synth.json").is_file()
     uploads = count_calls(store, "PutObject", "CreateMultipartUpload", "UploadPart")
     assert st.materialize_dataset(str(tiny_dataset), store) == ref
     assert uploads == {"PutObject": 0, "CreateMultipartUpload": 0, "UploadPart": 0}
@@ -312,9 +313,9 @@ def test_materialize_s3_dataset_downloads_identical_copy(store: Store, tiny_data
     remote = st.materialize_dataset(ref.uri, store)
     assert remote.root.is_relative_to(st.work_dir())
     assert (remote.name, remote.version, remote.uri) == (ref.name, ref.version, ref.uri)
-    for path in tiny_dataset.rglob("*"):
-        if path.is_file():
-            assert sha256(remote.root / path.relative_to(tiny_dataset)) == sha256(path)
+    assert dataset_files(remote.root) == dataset_files(tiny_dataset)
+    for rel in dataset_files(tiny_dataset):
+        assert sha256(remote.root / rel) == sha256(tiny_dataset / rel)
     downloads = count_calls(store, "GetObject")
     assert st.materialize_dataset(ref.uri, store) == remote  # cached: only the marker is read
     assert downloads == {"GetObject": 1}

@@ -64,12 +64,14 @@ def test_bad_dataset_is_refused_by_every_stage_and_nothing_is_published_or_lost(
         (f"labels/val/{val_mask.name}", "label values 7"),
         (f"images/test/{test_image.name}", "image without mask"),
     ]
+    # The stages run under r2, whose validate failed: nothing is pinned, so each reads the bad dataset
+    # itself (under r1 they refuse any dataset but the one r1 validated: test_dataset_inputs.py).
     for argv in (
         ["validate", str(bad), "--run-id", "r1"],
         ["validate", str(bad), "--run-id", "r2"],
-        ["eda", "--run-id", "r1", "--dataset", str(bad)],
-        ["relabel", "--run-id", "r1", "--dataset", str(bad), "--strategy", "morphology"],
-        train_args(str(bad), "--profile", "cpu", "--max-epochs", "1"),
+        ["eda", "--run-id", "r2", "--dataset", str(bad)],
+        ["relabel", "--run-id", "r2", "--dataset", str(bad), "--strategy", "morphology"],
+        ["train", "--experiment", "exp2", "--run-id", "r2", "--dataset", str(bad), "--profile", "cpu"],
     ):
         code, errors = run(capsys, *argv)
         assert code == 2, (argv, errors)
