@@ -25,6 +25,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "evaluate": ("tasks.evaluate", "evaluate an experiment's best checkpoint on a split"),
     "select": ("tasks.selection", "pick the winner by val mDice, gate it, promote the champion"),
     "models": ("tasks.models", "list the promoted model versions; roll production back to one"),
+    "review": ("tasks.review", "review a run's train masks in FiftyOne; export the bad_mask tags"),
 }
 
 

@@ -3,7 +3,8 @@
 A real run of the DAG (local runner, CPU profile, one experiment, one epoch), so Airflow's metadata DB
 holds its DagRun (the UI's run page) and the store holds everything it published: EDA charts, the
 relabeled masks, the training's log.json, the evaluation's panels and confusion matrix, winner.json and
-report.md. Its own bucket on the session's S3 server; tests read, never write, its objects.
+report.md. Its own S3 server and bucket; tests add keys of their own (a review's list, another run
+id) but never change the run's.
 """
 
 from __future__ import annotations
