@@ -12,6 +12,12 @@ the same three registrations (and mmcompat applied) without a separate setup cal
   prints, so the per-class table of the best epoch is available without another validation pass.
 - `ResumableEarlyStoppingHook`: mmengine's EarlyStoppingHook that keeps its patience counter in the
   message hub, so a resumed training stops where the uninterrupted one would have.
+
+And one fix: mmseg 1.2.2's CrossEntropyLoss with `class_weight` (H2) indexes the weights with every
+label, ignored ones included, so any 255 pixel (an "ignore" label, or the padding PadToCrop adds
+to images of other sizes) fails with IndexError (open-mmlab/mmsegmentation#3734, #3831). Its
+weighted mean is given the average factor PyTorch uses (the weights of the non-ignored pixels),
+which is mmseg's own value whenever no pixel is ignored.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from mmcv.transforms import Pad  # noqa: E402
 from mmengine.hooks import EarlyStoppingHook  # noqa: E402
 from mmseg.datasets import BaseSegDataset  # noqa: E402
 from mmseg.evaluation import IoUMetric  # noqa: E402
+from mmseg.models.losses import cross_entropy_loss  # noqa: E402
 from mmseg.registry import DATASETS, HOOKS, METRICS, TRANSFORMS  # noqa: E402
 
 from tasks.dataset import (  # noqa: E402
@@ -39,6 +46,19 @@ from tasks.dataset import (  # noqa: E402
     list_samples,
 )
 from tasks.errors import InputError  # noqa: E402
+
+_mmseg_cross_entropy = cross_entropy_loss.cross_entropy
+
+
+def _cross_entropy(pred, label, weight=None, class_weight=None, reduction="mean", avg_factor=None, **kwargs):
+    """mmseg's cross_entropy, with a weighted mean over the non-ignored pixels (module docstring)."""
+    if class_weight is not None and avg_factor is None and reduction == "mean":
+        ignore_index = kwargs.get("ignore_index", -100)
+        avg_factor = class_weight[label[label != ignore_index]].sum()
+    return _mmseg_cross_entropy(pred, label, weight, class_weight, reduction, avg_factor, **kwargs)
+
+
+cross_entropy_loss.cross_entropy = _cross_entropy  # CrossEntropyLoss takes it when a model is built
 
 # background black, cat and dog in colours that stay apart in panels and the MinIO console
 PALETTE = [[0, 0, 0], [220, 120, 20], [40, 110, 230]]

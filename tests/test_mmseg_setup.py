@@ -169,3 +169,28 @@ def test_test_pipeline_pads_and_predictions_lose_the_padding(tiny_dataset: Path,
     (result,) = model.postprocess_result(logits, [small["data_samples"]])
     pred = result.pred_sem_seg.data.numpy()[0]
     assert pred.shape == (40, 90) and set(np.unique(pred)) == {1}
+
+
+def test_class_weighted_cross_entropy_takes_ignored_pixels() -> None:
+    """H2's loss on masks with 255 pixels (ignore labels, padding): mmseg 1.2.2 raised IndexError."""
+    import torch.nn.functional as F
+    from mmseg.registry import MODELS
+
+    import tasks.mmseg_setup as setup
+
+    weights = [0.0585, 1.0, 1.0]
+    loss = MODELS.build(
+        dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0, class_weight=weights)
+    )
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8, generator=generator)
+    labels = torch.randint(0, 3, (2, 8, 8), generator=generator)
+    # without ignored pixels: exactly mmseg's own value
+    mmseg_value = setup._mmseg_cross_entropy(
+        logits, labels, class_weight=torch.tensor(weights), ignore_index=255
+    )
+    assert float(loss(logits, labels, ignore_index=255)) == pytest.approx(float(mmseg_value))
+    # with them: PyTorch's weighted mean over the pixels that are not ignored
+    labels[0, :, 5:] = 255
+    expected = F.cross_entropy(logits, labels, weight=torch.tensor(weights), ignore_index=255)
+    assert float(loss(logits, labels, ignore_index=255)) == pytest.approx(float(expected))

@@ -110,3 +110,37 @@ def test_mixed_image_sizes_train_and_evaluate(s3_env: dict, tmp_path: Path, expe
         assert metrics["samples"] == counts[split]["images"] == len(per_image)
         assert sorted(per_image) == [image.stem for image, _ in list_pairs(root, split)]
         assert 0 <= metrics["mDice"] <= 100
+
+
+@pytest.mark.slow
+def test_a_dataset_class_that_drops_samples_stops_training_and_evaluation(
+    s3_env: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old drift put back (the mmseg dataset skipping .jpeg): exit 2 naming the samples, nothing
+    published, before any epoch or any metric."""
+    from tasks.errors import InputError
+    from tasks.evaluate import evaluate_experiment
+    from tasks.mmseg_setup import StudyDataset
+    from tasks.train import train_experiment
+
+    root = mixed_suffix_dataset(tmp_path / "mixed", upper_masks=False)
+    jpeg = [image for image, _ in list_pairs(root, "test") if image.suffix.lower() == ".jpeg"]
+    train_experiment("h1", "drift", str(root), "cpu", max_epochs=1, cfg_options={"train_cfg.val_interval": 1})
+    store = Store.from_env()
+    before = store.list_keys("runs")
+
+    real = StudyDataset.load_data_list
+    monkeypatch.setattr(
+        StudyDataset,
+        "load_data_list",
+        lambda self: [info for info in real(self) if not info["img_path"].lower().endswith(".jpeg")],
+    )
+    with pytest.raises(InputError) as caught:
+        evaluate_experiment("h1", "drift", ["test"], str(root))
+    assert caught.value.problems[0].startswith(f"evaluation: 6 test samples loaded, 10 validated in {root}")
+    assert caught.value.problems[1:] == [
+        f"images/test/{image.name}: validated but not loaded by evaluation (test split)" for image in jpeg
+    ]
+    with pytest.raises(InputError, match=r"training: 15 train samples loaded, 24 validated"):
+        train_experiment("h2", "drift", str(root), "cpu", max_epochs=1)
+    assert store.list_keys("runs") == before  # neither evaluation nor the second training published
