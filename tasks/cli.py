@@ -26,6 +26,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "select": ("tasks.selection", "pick the winner by val mDice, gate it, promote the champion"),
     "models": ("tasks.models", "list the promoted model versions; roll production back to one"),
     "review": ("tasks.review", "review a run's train masks in FiftyOne; export the bad_mask tags"),
+    "predict": ("tasks.predict", "segment images with the promoted (or a trained) model: masks and overlays"),
 }
 
 

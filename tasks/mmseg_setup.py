@@ -1,7 +1,7 @@
 """What our mmseg configs need registered: imported by the configs' `custom_imports`.
 
 Loading any config under configs/ imports this module, so train, evaluate and the bench all get
-the same three registrations (and mmcompat applied) without a separate setup call:
+the same registrations (and mmcompat applied, tasks.losses imported) without a separate setup call:
 - `StudyDataset`: the study's folder layout (images/<split>, labels/<split>); its samples are exactly
   what `tasks.dataset.list_samples` (validate's definition) finds: .jpg/.jpeg/.png images of any
   case side by side, .png/.PNG masks. `check_loaded_samples` proves it at run time.
@@ -37,6 +37,7 @@ from mmseg.evaluation import IoUMetric  # noqa: E402
 from mmseg.models.losses import cross_entropy_loss  # noqa: E402
 from mmseg.registry import DATASETS, HOOKS, METRICS, TRANSFORMS  # noqa: E402
 
+from tasks import losses  # noqa: E402, F401  registers SoftmaxFocalLoss (the h1_focal experiment)
 from tasks.dataset import (  # noqa: E402
     CLASSES,
     IGNORE_INDEX,

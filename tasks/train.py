@@ -89,7 +89,7 @@ def _pipelines(cfg: Config) -> list[list]:
     pipelines = [
         cfg[loader].dataset.pipeline for loader in ("train_dataloader", "val_dataloader", "test_dataloader")
     ]
-    pipelines += [cfg[name] for name in ("train_pipeline", "test_pipeline") if name in cfg]
+    pipelines += [cfg[name] for name in ("train_pipeline", "test_pipeline", "tta_pipeline") if name in cfg]
     return pipelines
 
 
