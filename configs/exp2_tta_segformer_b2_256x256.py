@@ -19,9 +19,12 @@ tta_pipeline = [
                 dict(type="RandomFlip", prob=0.0, direction="horizontal"),
                 dict(type="RandomFlip", prob=1.0, direction="horizontal"),
             ],
+            # after the flip (mmseg cuts the padding off before it un-flips), to the largest view's
+            # size, so images of any size share a batch (the size policy of study_256x256.py)
+            [dict(type="PadToCrop", crop_size=(320, 320))],
             # after the views' resize and flip: metrics stay at the mask's own resolution
             [dict(type="LoadAnnotations", reduce_zero_label=False)],
-            [dict(type="PackSegInputs")],
+            [dict(type="PackSegInputs", meta_keys={{_base_.test_meta_keys}})],
         ],
     ),
 ]

@@ -165,16 +165,22 @@ def load_model(store: Store, spec: str, device: str, local_dir: Path) -> LoadedM
 
 
 def _promoted(store: Store, spec: str, kind: str, version: str | None) -> tuple[str, dict]:
+    """(models/<version> prefix, its model card) of production or of a named version, both checked by
+    tasks.models (complete, the card's checkpoint sha256 equal to the marker's and the pointer's)."""
+    from tasks import models
     from tasks import store as st
 
-    prefix = st.PRODUCTION_PREFIX
-    marker = store.marker(prefix)
-    if marker is None or "model_card.json" not in marker["files"]:
-        raise InputError(f"--model {spec}: no model in production ({store.uri(prefix)}/)")
-    card = store.get_json(f"{prefix}/model_card.json")
-    if card.get("checkpoint_sha256") != marker["files"].get("model.pth"):
-        raise InputError(f"--model {spec}: {store.uri(prefix)}/model.pth is not the one its model card names")
-    return prefix, card
+    try:
+        if kind == "production":
+            production = models.read_production(store)
+            if production.pointer is None:
+                raise InputError(f"--model {spec}: no model in production ({store.uri(st.PRODUCTION_KEY)})")
+            version, card = production.version, production.card
+        else:
+            card = models.version_card(store, version)
+    except models.ProductionError as err:
+        raise InputError(f"--model {spec}: {err}") from None
+    return st.model_prefix(version), card
 
 
 # ---------------------------------------------------------------- inputs

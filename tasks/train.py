@@ -102,11 +102,16 @@ def _rescale_images(cfg: Config, image_size: int) -> None:
             tuple(round(s * factor) for s in size) if isinstance(size, list | tuple) else round(size * factor)
         )
 
-    for pipeline in _pipelines(cfg):
+    def rescale(pipeline: list) -> None:
         for transform in pipeline:
             for key in ("scale", "crop_size"):
                 if key in transform:
                     transform[key] = scaled(transform[key])
+            for branch in transform.get("transforms", []) if transform.type == "TestTimeAug" else []:
+                rescale(branch)  # the views of test-time augmentation (tta_pipeline)
+
+    for pipeline in _pipelines(cfg):
+        rescale(pipeline)
     cfg.model.data_preprocessor.size = scaled(cfg.model.data_preprocessor.size)
     cfg.img_scale, cfg.crop_size = scaled(cfg.img_scale), scaled(cfg.crop_size)
 

@@ -236,3 +236,79 @@ def test_unknown_experiment_and_profile_are_refused() -> None:
         load_experiment_config("h3")
     with pytest.raises(InputError, match="unknown profile 'gpu'"):
         load_experiment_config("h1", "gpu")
+
+
+# ---------------------------------------------------------------- the study's open ideas
+
+
+def _without(cfg: Config, *keys: str) -> dict:
+    return {key: value for key, value in cfg.to_dict().items() if key not in keys}
+
+
+def test_h1_focal_is_h1_with_focal_loss_only() -> None:
+    h1, focal = _load("h1"), _load("h1_focal")
+    losses = focal.model.decode_head.loss_decode
+    assert [(loss.type, loss.loss_weight) for loss in losses] == [
+        ("SoftmaxFocalLoss", 0.5),
+        ("DiceLoss", 0.5),
+    ]
+    assert losses[0].gamma == 2.0 and losses[0].ignore_index == IGNORE_INDEX
+    assert losses[1] == h1.model.decode_head.loss_decode[1]
+    aux = focal.model.auxiliary_head.loss_decode
+    assert dict(aux) == dict(type="SoftmaxFocalLoss", gamma=2.0, loss_weight=0.4, ignore_index=IGNORE_INDEX)
+    for cfg in (h1, focal):  # everything else is H1's
+        cfg.model.decode_head.pop("loss_decode")
+        cfg.model.auxiliary_head.pop("loss_decode")
+    assert _without(focal, "EXPERIMENT", "experiment") == _without(h1, "EXPERIMENT", "experiment")
+
+
+def test_exp2_tta_trains_as_exp2_and_tests_with_mmseg_tta() -> None:
+    from tasks.experiments import apply_test_time_augmentation
+
+    exp2, tta = _load("exp2"), _load("exp2_tta")
+    added = ("tta_model", "tta_pipeline", "tta_ratios")
+    assert _without(tta, "EXPERIMENT", "experiment", *added) == _without(exp2, "EXPERIMENT", "experiment")
+    tested = apply_test_time_augmentation(copy.deepcopy(tta))
+    assert tested.model.type == "SegTTAModel" and tested.model.module == exp2.model
+    load, resize, views = tested.test_dataloader.dataset.pipeline
+    assert (load.type, dict(resize)) == (
+        "LoadImageFromFile",
+        dict(type="Resize", scale=(256, 256), keep_ratio=True),
+    )
+    scales, flips, pad, annotations, pack = views.transforms
+    assert views.type == "TestTimeAug"
+    assert [t.scale_factor for t in scales] == [0.75, 1.0, 1.25]
+    assert [(t.prob, t.direction) for t in flips] == [(0.0, "horizontal"), (1.0, "horizontal")]
+    assert pad[0].crop_size == (320, 320)  # the largest view: every view of any image fits one batch
+    assert annotations[0].type == "LoadAnnotations" and pack[0].type == "PackSegInputs"
+    # the CPU profile shrinks the views with the rest; exp2 itself is tested single-view
+    cpu = apply_test_time_augmentation(_load("exp2_tta", "cpu"))
+    assert cpu.test_dataloader.dataset.pipeline[1].scale == (128, 128)
+    assert cpu.test_dataloader.dataset.pipeline[2].transforms[2][0].crop_size == (160, 160)
+    assert apply_test_time_augmentation(_load("exp2")).model == exp2.model
+
+
+def test_softmax_focal_loss() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from tasks.losses import SoftmaxFocalLoss
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 5, 4, generator=generator)
+    labels = torch.randint(0, 3, (2, 5, 4), generator=generator)
+    labels[0, :2] = IGNORE_INDEX
+    # gamma 0 is CrossEntropy (mean over the non-ignored pixels)
+    expected = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+    assert torch.allclose(SoftmaxFocalLoss(gamma=0.0)(logits, labels), expected)
+    # gamma 2: each pixel's -(1 - p_t)^2 log p_t, ignored pixels left out; class weights per pixel
+    probs = logits.softmax(dim=1)
+    valid = labels != IGNORE_INDEX
+    p_t = probs.gather(1, labels.clamp(max=2).unsqueeze(1)).squeeze(1)[valid]
+    weights = torch.tensor([0.5, 1.0, 2.0])[labels[valid]]
+    manual = (-((1 - p_t) ** 2) * p_t.log() * weights).mean()
+    loss = SoftmaxFocalLoss(gamma=2.0, class_weight=[0.5, 1.0, 2.0], loss_weight=0.5)
+    assert torch.allclose(loss(logits, labels), 0.5 * manual)
+    assert loss.loss_name == "loss_focal"
+    with pytest.raises(ValueError, match="gamma must be >= 0"):
+        SoftmaxFocalLoss(gamma=-1.0)

@@ -15,7 +15,9 @@ from test_dag import ROOT
 
 from tasks import store
 
-EXPERIMENTS = ["h1", "exp2"]  # one of each model family (DeepLabV3+, SegFormer) keeps it short
+# one of each model family (DeepLabV3+, SegFormer) keeps it short, plus the two experiment files of
+# the study's open ideas (Focal loss, test-time augmentation)
+EXPERIMENTS = ["h1", "exp2", "h1_focal", "exp2_tta"]
 
 
 def run_ids(bucket: store.Store) -> list[str]:
