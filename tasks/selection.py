@@ -57,6 +57,7 @@ class Candidate:
     test: dict
     checkpoint_key: str  # the evaluated checkpoint, a key under the train stage's prefix
     description: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)  # the train stage's recorded inputs (its marker)
     rank: int = 0
 
     def sort_key(self) -> tuple:
@@ -133,7 +134,8 @@ def load_candidate(store: st.Store, run_id: str, experiment: str) -> Candidate |
             "(stale evaluation: re-run evaluate)"
         )
     # what the experiment's file says it tests (tasks.experiments); the config in the store is never read
-    return Candidate(experiment, val, test, checkpoint_key, ex.get(experiment).description())
+    description = ex.get(experiment).description()
+    return Candidate(experiment, val, test, checkpoint_key, description, train_marker.get("inputs") or {})
 
 
 # ---------------------------------------------------------------- the decision
@@ -197,6 +199,10 @@ def model_card(run_id: str, winner: Candidate, gate: float) -> dict:
         "run_id": run_id,
         "experiment": winner.experiment,
         "description": winner.description,
+        # what rebuilds the model's config from the repository (predict; tasks.train.training_config)
+        "training": {
+            key: winner.training.get(key) for key in ("experiment", "profile", "max_epochs", "cfg_options")
+        },
         "checkpoint": winner.checkpoint_key,
         "checkpoint_sha256": winner.test["checkpoint_sha256"],
         "dataset_version": winner.test["dataset_version"],
