@@ -207,7 +207,8 @@ def test_parsing_the_dag_imports_nothing_of_the_ml_side(tmp_path: Path) -> None:
         "print('parse_s', round(time.perf_counter() - t, 3))\n"
         "assert not bag.import_errors, bag.import_errors\n"
         "heavy = ('torch', 'mmseg', 'mmengine', 'mmcv', 'ultralytics', 'sam2', 'clearml', 'tasks')\n"
-        "light = ('tasks', 'tasks.experiments')  # the experiment catalogue: standard library only\n"
+        # the experiment catalogue and the override rule: standard library only (tests/test_environment.py)
+        "light = ('tasks', 'tasks.errors', 'tasks.experiments', 'tasks.overrides')\n"
         "print('loaded', sorted(m for m in sys.modules if m.split('.')[0] in heavy and m not in light))\n"
     )
     env = subprocess_env(AIRFLOW_HOME=str(tmp_path / "airflow"), SEGPIPE_RUNNER="local")
