@@ -48,7 +48,6 @@ from mmengine.hooks import Hook
 from mmengine.runner import Runner
 from torch.utils.data import DataLoader
 
-from tasks import mmcompat
 from tasks.experiments import default_names, names
 from tasks.train import (
     _published_best,
@@ -227,7 +226,6 @@ def train_child(
         "optimizer": cfg.optim_wrapper.optimizer.type,
     }
     _write_row(row_path, row)
-    mmcompat.trust_checkpoints_under(work)  # the training's own checkpoints
     runner = Runner.from_cfg(cfg)
     runner.register_hook(_ProgressHook(row, row_path, start))
     runner.train()
@@ -236,8 +234,7 @@ def train_child(
     row["stopped_early"] = runner.epoch < cfg.train_cfg.max_epochs
     # what `tasks train` publishes as best.pth and config.py, then what `tasks evaluate` runs on them
     checkpoint = _published_best(work, row["best_checkpoint"])
-    config = work / "config.py"
-    runner.cfg.dump(str(config))
+    config = runner.cfg  # what `tasks evaluate` rebuilds from the training's recorded inputs
     del runner
     gc.collect()
     from tasks.evaluate import run_split

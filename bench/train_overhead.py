@@ -41,7 +41,6 @@ def bare_train(config_path: Path, work_dir: Path) -> dict:
     from tasks import mmcompat
 
     mmcompat.apply()
-    mmcompat.trust_checkpoints_under(work_dir)  # mmengine re-reads its own checkpoints after training
     cfg = Config.fromfile(config_path)
     cfg.work_dir = str(work_dir)
     start = time.perf_counter()

@@ -19,6 +19,7 @@ count; a re-run with the same inputs does nothing.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import logging
@@ -53,6 +54,8 @@ from tasks.train import (
 )
 
 if TYPE_CHECKING:  # mmseg-heavy: imported where used
+    from mmengine.config import Config
+
     from tasks.metrics import Sample, SampleKeepingIoUMetric
     from tasks.tracking import Tracker
 
@@ -103,26 +106,41 @@ def train_digest(train_marker: dict) -> str:
 
 
 def run_split(
-    config_path: Path, checkpoint: Path, dataset_root: Path, split: str, scratch: Path
+    config: Config, checkpoint: Path, dataset_root: Path, split: str, scratch: Path
 ) -> tuple[dict, SampleKeepingIoUMetric, tuple[str, ...], list]:
-    """Runner.test on one split: mmseg's flat metrics, the metric with its samples, classes, palette."""
-    from mmengine.config import Config
+    """Runner.test on one split: mmseg's flat metrics, the metric with its samples, classes, palette.
+
+    config: the training's config as `tasks.train.training_config` rebuilds it (never the store's
+    config.py). The checkpoint is loaded as data (weights_only, tasks.mmcompat) and strictly: weights
+    that do not fit the model this code builds are refused, not half loaded.
+    """
+    from mmengine.model import BaseTTAModel, is_model_wrapper
     from mmengine.runner import Runner
+    from mmengine.runner.checkpoint import load_checkpoint
 
     from tasks.metrics import SampleKeepingIoUMetric
     from tasks.mmseg_setup import check_loaded_samples
 
-    cfg = Config.fromfile(config_path)  # the published resolved config (imports tasks.mmseg_setup)
+    cfg = copy.deepcopy(config)
     experiments.apply_test_time_augmentation(cfg)  # only experiments that define tta_model/tta_pipeline
     set_data_root(cfg, dataset_root)
     cfg.test_dataloader.dataset.data_prefix = dict(img_path=f"images/{split}", seg_map_path=f"labels/{split}")
     evaluator = dict(cfg.test_evaluator)
     cfg.test_evaluator = dict(evaluator, type=SampleKeepingIoUMetric.__name__)
     cfg.work_dir = str(scratch / split)
-    cfg.load_from, cfg.resume = str(checkpoint), False
+    cfg.load_from, cfg.resume = None, False
     # unique: mmengine keeps one logger/visualizer per experiment name for the whole process
     cfg.experiment_name = f"evaluate_{cfg.get('experiment', 'model')}_{split}_{time.time_ns()}"
     runner = Runner.from_cfg(cfg)
+    model = (
+        runner.model.module
+        if isinstance(runner.model, BaseTTAModel) or is_model_wrapper(runner.model)
+        else runner.model
+    )
+    try:
+        load_checkpoint(model, str(checkpoint), map_location="cpu", strict=True)
+    except (RuntimeError, ValueError, KeyError) as err:  # other keys or shapes, or not a checkpoint
+        raise InputError(f"{checkpoint}: does not fit the {cfg.get('experiment')} model ({err})") from None
     check_loaded_samples(runner.test_dataloader.dataset, dataset_root, split, "evaluation")
     flat = runner.test()
     metric = runner.test_loop.evaluator.metrics[0]
@@ -241,7 +259,7 @@ def rank_samples(
 
 def evaluate_split(
     split: str,
-    config_path: Path,
+    config: Config,
     checkpoint: Path,
     dataset: DatasetRef,
     n_panels: int,
@@ -249,7 +267,7 @@ def evaluate_split(
     scratch: Path,
 ) -> dict:
     """Metrics, per-image Dice, panels and confusion matrix of one split, written under out."""
-    flat, metric, classes, palette = run_split(config_path, checkpoint, dataset.root, split, scratch)
+    flat, metric, classes, palette = run_split(config, checkpoint, dataset.root, split, scratch)
     if not metric.samples:
         raise InputError(f"{dataset.root}/images/{split}: no images evaluated")
     doc = metrics_from_flat(flat, classes)
@@ -312,7 +330,7 @@ def evaluate_experiment(
     from tasks import tracking  # clearml: only when there is something to evaluate
 
     exp_dir = work_dir() / "runs" / run_id / "eval" / experiment
-    trained = fetch_training_outputs(store, run_id, experiment, exp_dir / "train")  # trusts its checkpoint
+    trained = fetch_training_outputs(store, run_id, experiment, exp_dir / "train")  # config rebuilt
     out, scratch = exp_dir / "publish", exp_dir / "runner"
     for folder in (out, scratch):
         shutil.rmtree(folder, ignore_errors=True)

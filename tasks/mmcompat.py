@@ -7,24 +7,30 @@
    although neither study model calls an mmcv op. When `mmcv._ext` is missing we register a
    `mmcv.ops` module whose every op raises a clear error when used; with the full mmcv (the GPU
    trainer image) nothing is replaced.
-2. torch >= 2.6 loads with `weights_only=True` by default, which refuses mmengine's own checkpoints
-   (they pickle mmengine's HistoryBuffer and message hub). Allow-listing would need
-   `builtins.getattr`, which defeats the check, so we re-register mmengine's local-file loader:
-   it tries `weights_only=True` first and falls back to a full load only for files under a
-   directory the pipeline itself wrote (`trust_checkpoints_under`). User-supplied weights
-   (pretrained backbones) are never unpickled in full.
+2. torch >= 2.6 loads with `weights_only=True` by default, which refuses mmengine's own checkpoints:
+   they pickle mmengine's HistoryBuffer and numpy values (allow-listing them would need
+   `builtins.getattr`, which defeats the check). Nothing is ever unpickled in full here, whoever
+   wrote the file: every checkpoint mmengine saves is written in plain form (`to_plain`: each
+   HistoryBuffer and numpy value becomes tensors, numbers and a marker), and mmengine's local-file
+   loader is re-registered to load with `weights_only=True` only and turn the markers back
+   (`from_plain`). A checkpoint is then data: loading one from the store, a forged one included,
+   runs no code. The loader also drops `meta.config`, which mmengine's resume would execute as a
+   Python config.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
-_TRUSTED_DIRS: set[Path] = set()
 _APPLIED = False
 
 
@@ -55,30 +61,75 @@ def has_compiled_ops() -> bool:
     return importlib.util.find_spec("mmcv._ext") is not None
 
 
-def trust_checkpoints_under(directory: str | Path) -> None:
-    """Checkpoints under `directory` were written by this pipeline: allow their full unpickling."""
-    _TRUSTED_DIRS.add(Path(directory).resolve())
+_HISTORY = "__segpipe_history_buffer__"  # {_HISTORY: {max_length, log_history, count_history}}
+_ARRAY = "__segpipe_ndarray__"  # {_ARRAY: tensor}
 
 
-def _is_trusted(filename: str) -> bool:
-    path = Path(filename).expanduser().resolve()
-    return any(path.is_relative_to(d) for d in _TRUSTED_DIRS)
+def to_plain(obj: Any) -> Any:
+    """A checkpoint (or part) with only what torch's weights_only loader accepts."""
+    from mmengine.logging import HistoryBuffer
+
+    if isinstance(obj, HistoryBuffer):
+        log_history, count_history = obj.data
+        return {
+            _HISTORY: {
+                "max_length": obj.max_length,
+                "log_history": torch.from_numpy(np.array(log_history)),
+                "count_history": torch.from_numpy(np.array(count_history)),
+            }
+        }
+    if isinstance(obj, np.ndarray):
+        return {_ARRAY: torch.from_numpy(obj.copy())}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):  # OrderedDict stays one (weights_only accepts it)
+        return type(obj)((key, to_plain(value)) for key, value in obj.items())
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_plain(value) for value in obj)
+    return obj
+
+
+def from_plain(obj: Any) -> Any:
+    """Undo `to_plain`: HistoryBuffers and numpy arrays back where mmengine expects them."""
+    if isinstance(obj, dict):
+        if set(obj) == {_HISTORY}:
+            from mmengine.logging import HistoryBuffer
+
+            data = obj[_HISTORY]
+            return HistoryBuffer(
+                data["log_history"].numpy(), data["count_history"].numpy(), int(data["max_length"])
+            )
+        if set(obj) == {_ARRAY}:
+            return obj[_ARRAY].numpy()
+        return type(obj)((key, from_plain(value)) for key, value in obj.items())
+    if isinstance(obj, list | tuple):
+        return type(obj)(from_plain(value) for value in obj)
+    return obj
 
 
 def load_checkpoint_file(filename: str, map_location=None) -> dict:
-    """mmengine's local checkpoint loader, with torch's safe loading kept for foreign files."""
+    """mmengine's local checkpoint loader: weights_only=True for every file, whoever wrote it."""
     path = Path(filename).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{filename} can not be found.")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises UnpicklingError or RuntimeError, depending on the content
-        if not _is_trusted(filename):
-            raise ValueError(
-                f"{filename}: not a plain weights checkpoint (torch refused it with weights_only=True: "
-                f"{str(err).splitlines()[0]})"
-            ) from err
-        return torch.load(path, map_location=map_location, weights_only=False)
+        raise ValueError(
+            f"{filename}: not a plain weights checkpoint (torch refused it with weights_only=True: "
+            f"{str(err).splitlines()[0]})"
+        ) from err
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("meta"), dict):
+        checkpoint["meta"].pop("config", None)  # Runner.resume would run it as a Python config
+    return from_plain(checkpoint)
+
+
+def _save_plain(save: Callable) -> Callable:
+    @functools.wraps(save)
+    def save_checkpoint(checkpoint: dict, filename: str, *args: Any, **kwargs: Any) -> None:
+        return save(to_plain(checkpoint), filename, *args, **kwargs)
+
+    return save_checkpoint
 
 
 def apply() -> None:
@@ -88,7 +139,13 @@ def apply() -> None:
         return
     if "mmcv.ops" not in sys.modules and not has_compiled_ops():
         sys.modules["mmcv.ops"] = _OpsPlaceholder("mmcv.ops", "mmcv ops placeholder (see tasks.mmcompat)")
-    from mmengine.runner.checkpoint import CheckpointLoader
+    import mmengine.runner
+    import mmengine.runner.checkpoint
+    import mmengine.runner.runner
 
-    CheckpointLoader.register_scheme(prefixes="", force=True)(load_checkpoint_file)
+    mmengine.runner.checkpoint.CheckpointLoader.register_scheme(prefixes="", force=True)(load_checkpoint_file)
+    # Runner.save_checkpoint and CheckpointHook's published copies call it by these names
+    plain = _save_plain(mmengine.runner.checkpoint.save_checkpoint)
+    for module in (mmengine.runner.checkpoint, mmengine.runner, mmengine.runner.runner):
+        module.save_checkpoint = plain
     _APPLIED = True

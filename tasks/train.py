@@ -38,6 +38,7 @@ from tasks.experiments import PER_CLASS_KEYS, SUMMARY_KEYS
 from tasks.store import (
     Store,
     check_run_id,
+    marker_key,
     materialize_dataset,
     parse_s3_uri,
     sha256_file,
@@ -312,15 +313,18 @@ class StoreMirrorHook(Hook):
     mmengine's CheckpointHook saves epoch_N.pth BEFORE epoch N's validation, so its message hub
     misses that validation (best score, best checkpoint, early-stopping state): resuming from it
     would forget a best epoch N. This hook saves epoch_N.pth again after validation, then uploads
-    what changed and deletes superseded keys. `mirror.json` goes last and names the files and the
-    inputs; a retry with other inputs ignores the mirror.
+    what changed and deletes superseded keys. `mirror.json` goes last and names the files, the
+    inputs and two resume points (this validation's checkpoint and the one before, each with the
+    best checkpoint its message hub names), so a retry that finds the newest one corrupt resumes
+    from the other; a retry with other inputs ignores the mirror.
     """
 
     priority = "LOWEST"  # after CheckpointHook (best checkpoint) and early stopping (its state)
 
-    def __init__(self, store: Store, prefix: str, inputs: dict) -> None:
+    def __init__(self, store: Store, prefix: str, inputs: dict, resumed: dict | None = None) -> None:
         self.store, self.prefix, self.inputs = store, prefix, inputs
         self._sent: dict[str, tuple[int, int]] = {}  # rel path -> (size, mtime_ns) already uploaded
+        self._previous = resumed  # the resume point before the newest (uploaded earlier)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         # The message hub stores absolute paths of the worker that saved it; a retry may run elsewhere.
@@ -343,7 +347,8 @@ class StoreMirrorHook(Hook):
         self.mirror(Path(runner.work_dir), name, best, runner.epoch)
 
     def mirror(self, work: Path, checkpoint: str, best: str | None, epoch: int) -> None:
-        files = [checkpoint, "last_checkpoint"] + ([os.path.basename(best)] if best else [])
+        point = dict(epoch=epoch, checkpoint=checkpoint, best=os.path.basename(best) if best else None)
+        files = [checkpoint, "last_checkpoint"] + ([point["best"]] if best else [])
         # logs of this and earlier attempts: <timestamp>/<timestamp>.log, <timestamp>/vis_data/*.json
         files += sorted(p.relative_to(work).as_posix() for p in work.glob("*/**/*") if p.is_file())
         for rel in files:
@@ -351,17 +356,49 @@ class StoreMirrorHook(Hook):
             if self._sent.get(rel) != (stat.st_size, stat.st_mtime_ns):
                 self.store.upload_file(work / rel, f"{self.prefix}/{rel}")
                 self._sent[rel] = (stat.st_size, stat.st_mtime_ns)
-        index = dict(inputs=self.inputs, epoch=epoch, checkpoint=checkpoint, files=files)
+        points = [point] + ([self._previous] if self._previous and self._previous != point else [])
+        kept = [rel for p in points[1:] for rel in _point_files(p) if rel not in files]  # uploaded before
+        index = dict(
+            inputs=self.inputs, epoch=epoch, checkpoint=checkpoint, files=files + kept, points=points
+        )
         self.store.put_json(f"{self.prefix}/{MIRROR_INDEX}", index)
-        wanted = {f"{self.prefix}/{rel}" for rel in [*files, MIRROR_INDEX]}
+        wanted = {f"{self.prefix}/{rel}" for rel in [*index["files"], MIRROR_INDEX]}
         stale = [key for key in self.store.list_keys(self.prefix) if key not in wanted]
         if stale:
             self.store.delete_keys(stale)
+        self._previous = point
         log.info("mirrored epoch %d (%s) to %s", epoch, checkpoint, self.store.uri(self.prefix))
 
 
-def restore_mirror(store: Store, prefix: str, inputs: dict, local_work: Path) -> Path | None:
-    """Download the mirrored work dir if it was written for these inputs; the checkpoint to resume."""
+def _point_files(point: dict) -> list[str]:
+    return [point["checkpoint"]] + ([point["best"]] if point.get("best") else [])
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a retry resumes: a checkpoint of the mirror that loads, and its resume point."""
+
+    checkpoint: Path
+    point: dict
+
+
+def _check_loads(path: Path, resume: bool) -> None:
+    """Raise unless path loads as a checkpoint (as data: weights_only, tasks.mmcompat) with the
+    parts a resume (or, for a best checkpoint, the published weights) needs."""
+    checkpoint = mmcompat.load_checkpoint_file(str(path), map_location="cpu")
+    needed = ("meta", "state_dict", "message_hub", "optimizer") if resume else ("meta", "state_dict")
+    missing = [key for key in needed if key not in checkpoint]
+    if missing:
+        raise ValueError(f"{path.name}: not a whole checkpoint (no {', '.join(missing)})")
+
+
+def restore_mirror(store: Store, prefix: str, inputs: dict, local_work: Path) -> Resume | None:
+    """Download the mirrored work dir if it was written for these inputs; where to resume.
+
+    The newest resume point whose checkpoint (and best checkpoint) download, verify and load wins;
+    a corrupt or missing one is logged and skipped, so a bad upload never fails every retry. With
+    no usable point the mirror is deleted and the training starts over.
+    """
     key = f"{prefix}/{MIRROR_INDEX}"
     if not store.exists(key):
         return None
@@ -369,10 +406,36 @@ def restore_mirror(store: Store, prefix: str, inputs: dict, local_work: Path) ->
     if index.get("inputs") != json.loads(json.dumps(inputs)):
         log.info("ignoring the mirror in %s: it was written for other inputs", store.uri(prefix))
         return None
-    for rel in index["files"]:
-        store.download_file(f"{prefix}/{rel}", local_work / rel)
-    log.info("downloaded the mirror of epoch %d from %s", index["epoch"], store.uri(prefix))
-    return local_work / index["checkpoint"]
+    for point in index.get("points") or []:
+        try:
+            for rel in _point_files(point):
+                _check_loads(
+                    store.download_file(f"{prefix}/{rel}", local_work / rel), rel == point["checkpoint"]
+                )
+        except Exception as err:  # a corrupt, truncated, forged or missing object: try the point before
+            log.warning(
+                "discarding the mirrored checkpoint of epoch %s (%s): %s",
+                point.get("epoch"),
+                store.uri(prefix),
+                err,
+            )
+            continue
+        for rel in index["files"]:  # the logs of the earlier attempts, best effort
+            if rel not in _point_files(point) and rel != "last_checkpoint":
+                try:
+                    store.download_file(f"{prefix}/{rel}", local_work / rel)
+                except Exception as err:
+                    log.warning("mirror log %s not restored: %s", rel, err)
+        (local_work / "last_checkpoint").write_text(str(local_work / point["checkpoint"]))
+        log.info("downloaded the mirror of epoch %d from %s", point["epoch"], store.uri(prefix))
+        return Resume(local_work / point["checkpoint"], point)
+    log.warning(
+        "no usable checkpoint in the mirror %s: discarding it, training starts over", store.uri(prefix)
+    )
+    store.delete_keys(store.list_keys(prefix))
+    for path in list(local_work.iterdir()):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return None
 
 
 # ---------------------------------------------------------------- outputs
@@ -401,22 +464,51 @@ def _published_best(work: Path, best_name: str) -> Path:
     return found[-1]
 
 
+def training_config(inputs: Any, experiment: str, where: str) -> Config:
+    """The resolved config of a published training, rebuilt from this repository's experiment file and
+    the training's recorded inputs (its `_SUCCESS` marker), each checked again as the CLI checks it.
+
+    The store's config.py is never executed: it is Python, and whoever can write to the bucket could
+    put any code in it. A forged marker can at most pick another allowed experiment setting.
+    where: the marker's location, named in errors.
+    """
+    if not isinstance(inputs, dict):
+        raise InputError(f"{where}: records no training inputs")
+    recorded = {name: inputs.get(name) for name in ("experiment", "profile", "max_epochs", "cfg_options")}
+    if recorded["experiment"] != experiment:
+        raise InputError(f"{where}: records experiment {recorded['experiment']!r}, not {experiment!r}")
+    if recorded["profile"] not in PROFILES:
+        raise InputError(
+            f"{where}: records profile {recorded['profile']!r}, not one of {', '.join(PROFILES)}"
+        )
+    epochs = recorded["max_epochs"]
+    if epochs is not None and (type(epochs) is not int or epochs < 1):
+        raise InputError(f"{where}: records max_epochs {epochs!r}, not a whole number of at least 1")
+    try:
+        options = overrides.check_values(recorded["cfg_options"] or {})
+    except InputError as err:
+        raise InputError(f"{where}: recorded {err}") from None
+    return load_experiment_config(experiment, recorded["profile"], max_epochs=epochs, cfg_options=options)
+
+
 @dataclass(frozen=True)
 class TrainOutputs:
-    """A published training, downloaded: best weights, resolved config, val metrics."""
+    """A published training, downloaded: best weights, its config (rebuilt, never read from the
+    store: `training_config`), val metrics."""
 
     checkpoint: Path
-    config: Path
+    config: Config
     val_metrics: dict
 
 
 def fetch_training_outputs(store: Store, run_id: str, experiment: str, local_dir: Path) -> TrainOutputs:
-    """Download runs/<id>/train/<exp>/ (InputError if not published) and trust its checkpoint."""
-    local = store.fetch(stage_prefix(run_id, "train", experiment), local_dir)
-    mmcompat.trust_checkpoints_under(local)
+    """Download runs/<id>/train/<exp>/ (InputError if not published); its config rebuilt."""
+    prefix = stage_prefix(run_id, "train", experiment)
+    local = store.fetch(prefix, local_dir)
+    marker = store.marker(prefix) or {}
     return TrainOutputs(
         checkpoint=local / "best.pth",
-        config=local / "config.py",
+        config=training_config(marker.get("inputs"), experiment, store.uri(marker_key(prefix))),
         val_metrics=json.loads((local / "val_metrics.json").read_text()),
     )
 
@@ -492,12 +584,11 @@ def train_experiment(
     if work.exists():
         shutil.rmtree(work)  # the store's mirror, not a local leftover, decides where to resume
     work.mkdir(parents=True)
-    mmcompat.trust_checkpoints_under(work)  # our checkpoints only: never exp_dir/pretrained
     set_data_root(cfg, view)
     cfg.work_dir = str(work)
-    resume_from = restore_mirror(store, mirror_prefix, inputs, work)
-    if resume_from is not None:
-        cfg.resume, cfg.load_from = True, str(resume_from)
+    resume = restore_mirror(store, mirror_prefix, inputs, work)
+    if resume is not None:
+        cfg.resume, cfg.load_from = True, str(resume.checkpoint)
     if weights is None:
         log.info(
             "%s: no pretrained weights given: the backbone starts from scratch (random init)", experiment
@@ -508,7 +599,9 @@ def train_experiment(
     threads = configure_torch_threads()
     log.info("torch uses %d threads", threads)
 
-    return _run_and_publish(cfg, store, run_id, prefix, mirror_prefix, inputs, exp_dir, labels, ds.version)
+    return _run_and_publish(
+        cfg, store, run_id, prefix, mirror_prefix, inputs, exp_dir, labels, ds.version, resume
+    )
 
 
 def _run_and_publish(
@@ -521,6 +614,7 @@ def _run_and_publish(
     exp_dir: Path,
     labels: TrainLabels,
     dataset_version: str,
+    resume: Resume | None = None,
 ) -> dict:
     from mmengine.runner import Runner
 
@@ -539,7 +633,7 @@ def _run_and_publish(
         # exactly the validated samples, or exit 2 before the first epoch
         check_loaded_samples(runner.train_dataloader.dataset, Path(cfg.data_root), "train", "training")
         check_loaded_samples(runner.val_dataloader.dataset, Path(cfg.data_root), "val", "training")
-        runner.register_hook(StoreMirrorHook(store, mirror_prefix, inputs))
+        runner.register_hook(StoreMirrorHook(store, mirror_prefix, inputs, resume and resume.point))
         runner.register_hook(tracking.TrackerHook(tracker), priority="LOW")
         runner.train()
         best = runner.message_hub.get_info(BEST_INFO_KEY)

@@ -8,6 +8,7 @@ import ipaddress
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,27 +122,35 @@ def test_mmcv_ops_are_refused_with_a_clear_error() -> None:
         ops.DeformConv2d(3, 3, 3)
 
 
-def test_mmengine_checkpoints_load_only_from_trusted_dirs(tmp_path: Path) -> None:
+def test_mmengine_checkpoints_are_saved_plain_and_nothing_is_unpickled_in_full(tmp_path: Path) -> None:
     mmcompat.apply()
-    from mmengine.logging import MessageHub
-    from mmengine.runner.checkpoint import _load_checkpoint, save_checkpoint
+    import mmengine.runner
+    from mmengine.logging import HistoryBuffer, MessageHub
+    from mmengine.runner.checkpoint import _load_checkpoint
 
     hub = MessageHub.get_instance("test_install_checkpoint")
-    hub.update_scalar("train/loss", 0.5)  # pickles mmengine's HistoryBuffer, as every Runner checkpoint does
+    hub.update_scalar("train/loss", 0.5)  # a HistoryBuffer, as in every Runner checkpoint
+    hub.update_info("best_score", np.float32(31.1))  # numpy values too
     checkpoint = {"meta": {"epoch": 1}, "state_dict": {"w": torch.ones(2)}, "message_hub": hub.state_dict()}
-    ours, foreign = tmp_path / "ours" / "epoch_1.pth", tmp_path / "foreign" / "epoch_1.pth"
-    for path in (ours, foreign):
-        path.parent.mkdir()
-        save_checkpoint(checkpoint, str(path))
-    # the trap: torch >= 2.6 refuses mmengine's checkpoints by default
-    with pytest.raises(Exception, match="HistoryBuffer"):
-        torch.load(ours)
-    mmcompat.trust_checkpoints_under(ours.parent)
+    ours = tmp_path / "epoch_1.pth"
+    mmengine.runner.save_checkpoint(checkpoint, str(ours))  # what Runner and CheckpointHook call
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(str(ours)) == []  # plain data only
     loaded = _load_checkpoint(str(ours), map_location="cpu")
     assert loaded["meta"]["epoch"] == 1 and torch.equal(loaded["state_dict"]["w"], torch.ones(2))
+    buffer = loaded["message_hub"]["log_scalars"]["train/loss"]
+    assert isinstance(buffer, HistoryBuffer) and buffer.current() == 0.5
+    assert loaded["message_hub"]["runtime_info"]["best_score"] == pytest.approx(31.1)
+
+    # the trap torch >= 2.6 refuses (mmengine's own pickles) is refused wherever the file lies: no
+    # directory is trusted for a full unpickling
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"meta": {"epoch": 1}, "message_hub": hub.state_dict()}, pickled)
     with pytest.raises(ValueError, match="not a plain weights checkpoint"):
-        _load_checkpoint(str(foreign), map_location="cpu")
+        _load_checkpoint(str(pickled), map_location="cpu")
+    # a meta.config (mmengine's resume runs it as a Python config) is dropped when loading
+    torch.save({"meta": {"epoch": 1, "config": "import os; os.system('touch x')"}}, tmp_path / "c.pth")
+    assert _load_checkpoint(str(tmp_path / "c.pth"), map_location="cpu")["meta"] == {"epoch": 1}
     # plain weights (e.g. a user's pretrained backbone) load anywhere, with weights_only=True
-    plain = tmp_path / "foreign" / "weights.pth"
+    plain = tmp_path / "weights.pth"
     torch.save({"state_dict": {"w": torch.zeros(1)}}, plain)
     assert torch.equal(_load_checkpoint(str(plain), map_location="cpu")["state_dict"]["w"], torch.zeros(1))

@@ -144,26 +144,77 @@ def test_pretrained_backbone_is_loaded_from_the_given_file(tmp_path: Path) -> No
     assert all(torch.equal(loaded[k], v) for k, v in source.state_dict().items())
 
 
+def _mirrored_checkpoint(tmp_path: Path, epoch: int) -> Path:
+    """A resume checkpoint as Runner.save_checkpoint writes it (plain: tasks.mmcompat)."""
+    import mmengine.runner
+    from mmengine.logging import MessageHub
+
+    from tasks import mmcompat
+
+    mmcompat.apply()
+    hub = MessageHub.get_instance(f"test_mirror_{epoch}_{time.time_ns()}")
+    hub.update_scalar("train/loss", 1.0 / epoch)
+    checkpoint = {
+        "meta": {"epoch": epoch, "iter": 10 * epoch},
+        "state_dict": {"w": torch.full((2,), float(epoch))},
+        "message_hub": hub.state_dict(),
+        "optimizer": {"state": {}, "param_groups": []},
+    }
+    path = tmp_path / f"epoch_{epoch}.pth"
+    mmengine.runner.save_checkpoint(checkpoint, str(path))
+    return path
+
+
 def test_mirror_is_resumed_only_for_the_same_inputs(s3_env: dict, tmp_path: Path) -> None:
     store = Store.from_env()
     prefix = "runs/r1/train/h1/work"
     inputs = {"dataset_version": "abc", "experiment": "h1", "max_epochs": 3}
-    store.put_text(f"{prefix}/epoch_2.pth", "checkpoint bytes")
+    store.upload_file(_mirrored_checkpoint(tmp_path, 2), f"{prefix}/epoch_2.pth")
     store.put_text(f"{prefix}/20260101_000000/vis_data/20260101_000000.json", "{}\n")
-    index = {"inputs": inputs, "epoch": 2, "checkpoint": "epoch_2.pth"}
+    point = {"epoch": 2, "checkpoint": "epoch_2.pth", "best": None}
+    index = {"inputs": inputs, "epoch": 2, "checkpoint": "epoch_2.pth", "points": [point]}
     index["files"] = ["epoch_2.pth", "20260101_000000/vis_data/20260101_000000.json"]
     store.put_json(f"{prefix}/{MIRROR_INDEX}", index)
 
     assert restore_mirror(store, prefix, {**inputs, "dataset_version": "other"}, tmp_path / "a") is None
     assert not (tmp_path / "a").exists()
     resumed = restore_mirror(store, prefix, inputs, tmp_path / "b")
-    assert resumed == tmp_path / "b" / "epoch_2.pth"
-    assert resumed.read_text() == "checkpoint bytes"
+    assert resumed.checkpoint == tmp_path / "b" / "epoch_2.pth" and resumed.point == point
     assert (tmp_path / "b" / "20260101_000000" / "vis_data" / "20260101_000000.json").is_file()
     assert restore_mirror(store, "runs/r1/train/h2/work", inputs, tmp_path / "c") is None
     # other config overrides: another training, whose mirror is not resumed
     other = {**inputs, "cfg_options": {"train_cfg.val_interval": 1}}
     assert restore_mirror(store, prefix, other, tmp_path / "d") is None
+
+
+def test_a_corrupt_mirrored_checkpoint_is_discarded_for_the_one_before(
+    s3_env: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The newest checkpoint of the mirror unreadable (truncated, forged, its object lost): the retry
+    resumes from the resume point before it; with none left it starts over, never failing on it."""
+    store = Store.from_env()
+    prefix = "runs/r1/train/h1/work"
+    inputs = {"dataset_version": "abc", "experiment": "h1", "max_epochs": 3}
+    for epoch in (1, 2):
+        store.upload_file(_mirrored_checkpoint(tmp_path, epoch), f"{prefix}/epoch_{epoch}.pth")
+    points = [{"epoch": e, "checkpoint": f"epoch_{e}.pth", "best": None} for e in (2, 1)]
+    index = {"inputs": inputs, "epoch": 2, "checkpoint": "epoch_2.pth", "points": points}
+    store.put_json(f"{prefix}/{MIRROR_INDEX}", {**index, "files": ["epoch_2.pth", "epoch_1.pth"]})
+
+    store.put_bytes(f"{prefix}/epoch_2.pth", b"PK\x03\x04 half a zip")  # its own sha256: it downloads
+    resumed = restore_mirror(store, prefix, inputs, tmp_path / "a")
+    assert resumed.point["epoch"] == 1 and resumed.checkpoint.name == "epoch_1.pth"
+    assert "discarding the mirrored checkpoint of epoch 2" in caplog.text
+    assert (tmp_path / "a" / "last_checkpoint").read_text() == str(resumed.checkpoint)
+
+    # a pickle that is not plain data (code could hide in it) is corrupt too, and so is a lost object
+    torch.save({"meta": {"epoch": 1}, "obj": object()}, tmp_path / "pickled.pth")
+    store.upload_file(tmp_path / "pickled.pth", f"{prefix}/epoch_1.pth")
+    store.delete_keys([f"{prefix}/epoch_2.pth"])
+    caplog.clear()
+    assert restore_mirror(store, prefix, inputs, tmp_path / "b") is None
+    assert "no usable checkpoint in the mirror" in caplog.text
+    assert store.list_keys(prefix) == []  # discarded: the next attempt starts clean
 
 
 def test_bad_arguments_exit_2_with_a_clear_message(s3_env: dict, tiny_dataset: Path, tmp_path: Path) -> None:
@@ -403,7 +454,6 @@ def test_killed_training_resumes_at_the_next_epoch(s3_env: dict, tiny_dataset: P
     checkpoint_file = tmp_path / "mirrored.pth"
     store.download_file(f"{prefix}/work/{index['checkpoint']}", checkpoint_file)
     mmcompat.apply()  # mmengine's loader must be ours in this process too, whatever ran before
-    mmcompat.trust_checkpoints_under(tmp_path)
     hub = _load_checkpoint(str(checkpoint_file), map_location="cpu")["message_hub"]["runtime_info"]
     assert hub["best_val"]["epoch"] <= mirrored and "early_stopping" in hub
 
@@ -419,6 +469,38 @@ def test_killed_training_resumes_at_the_next_epoch(s3_env: dict, tiny_dataset: P
     # every validation happened exactly once across the killed run and the retry: nothing trained twice
     steps = [r["step"] for r in _val_records((local / "log.json").read_text())]
     assert steps == list(range(1, metrics["epochs_trained"] + 1))
+
+
+@pytest.mark.slow
+def test_a_retry_resumes_from_the_checkpoint_before_a_corrupt_one(
+    s3_env: dict, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """On the old main a mirrored checkpoint that does not load failed every retry (exit 1)."""
+    store = Store.from_env()
+    prefix = stage_prefix("r1", "train", "h1")
+    index_key = f"{prefix}/work/{MIRROR_INDEX}"
+    cmd = _train_cmd("r1", tiny_dataset, "h1", 3, *EVERY_EPOCH, "custom_hooks.0.patience=10")
+    with open(tmp_path / "killed.log", "w") as log_file:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=log_file, stderr=log_file)
+        deadline = time.monotonic() + 300
+        while not (store.exists(index_key) and store.get_json(index_key)["epoch"] >= 2):
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no second checkpoint mirrored within 300 s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    index = store.get_json(index_key)
+    newest, before = index["points"]
+    assert store.marker(prefix) is None and before["epoch"] == newest["epoch"] - 1
+    # the newest checkpoint's object replaced by half a file (its own sha256: it downloads fine)
+    store.put_bytes(f"{prefix}/work/{newest['checkpoint']}", b"PK\x03\x04 truncated")
+
+    retry = _run(cmd)
+    output = retry.stdout + retry.stderr
+    assert f"discarding the mirrored checkpoint of epoch {newest['epoch']}" in output
+    assert f"resumed epoch: {before['epoch']}," in output
+    metrics = json.loads(store.get_text(f"{prefix}/val_metrics.json"))
+    assert metrics["epochs_trained"] == 3 and store.marker(prefix) is not None
 
 
 @pytest.mark.slow
