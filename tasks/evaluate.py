@@ -26,7 +26,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -105,6 +105,21 @@ def train_digest(train_marker: dict) -> str:
 # ---------------------------------------------------------------- inference
 
 
+def load_weights(model: Any, checkpoint: Path, experiment: str | None) -> None:
+    """Load a trained checkpoint into a model built from its rebuilt config, as data (weights_only,
+    tasks.mmcompat) and strictly: weights that do not fit are refused, not half loaded. A test-time
+    augmentation wrapper (or a model wrapper) gets the weights into the segmentor it wraps. Shared by
+    evaluate and predict, so both run the same weights in the same model."""
+    from mmengine.model import BaseTTAModel, is_model_wrapper
+    from mmengine.runner.checkpoint import load_checkpoint
+
+    inner = model.module if isinstance(model, BaseTTAModel) or is_model_wrapper(model) else model
+    try:
+        load_checkpoint(inner, str(checkpoint), map_location="cpu", strict=True)
+    except (RuntimeError, ValueError, KeyError) as err:  # other keys or shapes, or not a checkpoint
+        raise InputError(f"{checkpoint}: does not fit the {experiment} model ({err})") from None
+
+
 def run_split(
     config: Config, checkpoint: Path, dataset_root: Path, split: str, scratch: Path
 ) -> tuple[dict, SampleKeepingIoUMetric, tuple[str, ...], list]:
@@ -114,9 +129,7 @@ def run_split(
     config.py). The checkpoint is loaded as data (weights_only, tasks.mmcompat) and strictly: weights
     that do not fit the model this code builds are refused, not half loaded.
     """
-    from mmengine.model import BaseTTAModel, is_model_wrapper
     from mmengine.runner import Runner
-    from mmengine.runner.checkpoint import load_checkpoint
 
     from tasks.metrics import SampleKeepingIoUMetric
     from tasks.mmseg_setup import check_loaded_samples
@@ -132,15 +145,7 @@ def run_split(
     # unique: mmengine keeps one logger/visualizer per experiment name for the whole process
     cfg.experiment_name = f"evaluate_{cfg.get('experiment', 'model')}_{split}_{time.time_ns()}"
     runner = Runner.from_cfg(cfg)
-    model = (
-        runner.model.module
-        if isinstance(runner.model, BaseTTAModel) or is_model_wrapper(runner.model)
-        else runner.model
-    )
-    try:
-        load_checkpoint(model, str(checkpoint), map_location="cpu", strict=True)
-    except (RuntimeError, ValueError, KeyError) as err:  # other keys or shapes, or not a checkpoint
-        raise InputError(f"{checkpoint}: does not fit the {cfg.get('experiment')} model ({err})") from None
+    load_weights(runner.model, checkpoint, cfg.get("experiment"))
     check_loaded_samples(runner.test_dataloader.dataset, dataset_root, split, "evaluation")
     flat = runner.test()
     metric = runner.test_loop.evaluator.metrics[0]

@@ -24,6 +24,7 @@ written, and the command then exits 2 naming each bad file.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import shutil
@@ -91,29 +92,25 @@ def _without_annotations(pipeline: list) -> list:
 
 
 def build_model(cfg: Any, checkpoint: Path, device: str) -> tuple[Any, Any, list]:
-    """(model in eval mode, annotation-free test pipeline, palette) from a resolved config.
+    """(model in eval mode, annotation-free test pipeline, palette) from a training's rebuilt config.
 
-    The weights go into the experiment's segmentor (mmseg's init_model); an experiment with test-time
-    augmentation is then wrapped by its `tta_model` and uses its `tta_pipeline`
-    (tasks.experiments.apply_test_time_augmentation: as evaluate does).
+    The model is the one evaluate tests: the experiment's segmentor, wrapped by its `tta_model` when
+    it defines test-time augmentation (tasks.experiments.apply_test_time_augmentation), with the
+    weights loaded by evaluate's own `load_weights` (weights_only, strict).
     """
-    from tasks import mmcompat
-
-    mmcompat.apply()
     from mmcv.transforms import Compose
-    from mmseg.apis import init_model
+    from mmengine.registry import init_default_scope
     from mmseg.registry import MODELS
 
-    from tasks import mmseg_setup  # registers the study's dataset, metric and losses
+    from tasks import mmseg_setup  # registers the study's dataset, transforms, metric and losses
+    from tasks.evaluate import load_weights
 
-    segmentor = init_model(cfg, str(checkpoint), device=device)
-    tested = experiments.apply_test_time_augmentation(cfg.copy())
-    model = segmentor
-    if tested.model.type != cfg.model.type:  # wrapped for test-time augmentation
-        model = MODELS.build({**tested.model.to_dict(), "module": segmentor}).to(device).eval()
+    tested = experiments.apply_test_time_augmentation(copy.deepcopy(cfg))
+    init_default_scope(tested.get("default_scope", "mmseg"))
+    model = MODELS.build(tested.model)
+    load_weights(model, checkpoint, cfg.get("experiment"))
     pipeline = Compose(_without_annotations(tested.test_dataloader.dataset.pipeline))
-    palette = (segmentor.dataset_meta or {}).get("palette") or mmseg_setup.PALETTE
-    return model, pipeline, [list(c) for c in palette]
+    return model.to(device).eval(), pipeline, [list(c) for c in mmseg_setup.StudyDataset.METAINFO["palette"]]
 
 
 def parse_model_spec(spec: str) -> tuple[str, str | None]:
@@ -141,25 +138,31 @@ def _verified(path: Path, expected: str | None, what: str) -> str:
 
 
 def load_model(store: Store, spec: str, device: str, local_dir: Path) -> LoadedModel:
-    """Resolve --model, download and verify its files, build the segmentor."""
-    from mmengine.config import Config
+    """Resolve --model, download and verify its weights, rebuild its config, build the model.
+
+    The config is never the store's config.py: tasks.train.training_config rebuilds it from this
+    repository's experiment file and the training's recorded inputs (the train marker's, or the model
+    card's copy of them for a promoted model), each checked again.
+    """
+    from tasks.train import fetch_training_outputs, training_config
 
     kind, value = parse_model_spec(spec)
+    shutil.rmtree(local_dir / "model", ignore_errors=True)
     if kind == "run":
         run_id, experiment = value.split("/")
         prefix = stage_prefix(run_id, "train", experiment)
         marker = store.marker(prefix)
         if marker is None:
             raise InputError(f"--model {spec}: {store.uri(prefix)} has not published outputs")
-        local = store.fetch(prefix, local_dir / "model")  # each file checked against the marker
-        checkpoint, card = local / "best.pth", None
+        trained = fetch_training_outputs(store, run_id, experiment, local_dir / "model")  # sha256-checked
+        checkpoint, cfg, card = trained.checkpoint, trained.config, None
         digest = _verified(checkpoint, marker["files"].get("best.pth"), store.uri(f"{prefix}/best.pth"))
     else:
         prefix, card = _promoted(store, spec, kind, value)
-        local = store.fetch(prefix, local_dir / "model")
-        checkpoint, experiment = local / "model.pth", card["experiment"]
+        checkpoint = store.download_file(f"{prefix}/model.pth", local_dir / "model" / "model.pth")
+        experiment = card["experiment"]
         digest = _verified(checkpoint, card.get("checkpoint_sha256"), f"{store.uri(prefix)}/model.pth")
-    cfg = Config.fromfile(local / "config.py")
+        cfg = training_config(card.get("training"), experiment, f"{store.uri(prefix)}/model_card.json")
     model, pipeline, palette = build_model(cfg, checkpoint, device)
     return LoadedModel(store.uri(prefix), experiment, digest, model, pipeline, palette, card)
 
