@@ -218,6 +218,13 @@ def _local_files(local_dir: Path) -> Iterator[tuple[str, Path]]:
             yield path.relative_to(local_dir).as_posix(), path
 
 
+def _selected_files(local_dir: Path, only: list[str] | None) -> dict[str, Path]:
+    """relative path -> file: `only` (paths relative to local_dir) or, if None, every file under it."""
+    if only is None:
+        return dict(_local_files(local_dir))
+    return {rel: local_dir / rel for rel in sorted(only)}
+
+
 # ---------------------------------------------------------------- retries
 
 
@@ -548,10 +555,7 @@ class Store:
         local_dir = Path(local_dir)
         if not local_dir.is_dir():
             raise InputError(f"{local_dir}: not a directory, cannot publish it to {self.uri(prefix)}")
-        if only is None:
-            files = dict(_local_files(local_dir))
-        else:
-            files = {rel: local_dir / rel for rel in sorted(only)}
+        files = _selected_files(local_dir, only)
         if MARKER in files:
             raise InputError(f"{local_dir / MARKER}: the name {MARKER} is reserved for the publish marker")
         marker = marker_key(prefix)
@@ -568,18 +572,21 @@ class Store:
         log.info("published %d files to %s", len(digests), self.uri(_folder(prefix)))
         return content
 
-    def publish_once(self, local_dir: Path, prefix: str, inputs: dict | None = None) -> dict:
+    def publish_once(
+        self, local_dir: Path, prefix: str, inputs: dict | None = None, only: list[str] | None = None
+    ) -> dict:
         """Publish an immutable prefix: never deletes or changes one already published.
 
-        The files go up, then the marker with a conditional PUT (only if there is none). A prefix
-        already published with the same files (a retry, or another writer of the same content) is
-        left as it is; one with other files is an error (immutable means never overwritten).
+        The files (`only` as in publish) go up, then the marker with a conditional PUT (only if there
+        is none). A prefix already published with the same files (a retry, or another writer of the
+        same content) is left as it is; one with other files is an error (immutable means never
+        overwritten).
         """
-        local_dir = Path(local_dir)
-        digests = {rel: sha256_file(path) for rel, path in _local_files(local_dir)}
+        files = _selected_files(Path(local_dir), only)
+        digests = {rel: sha256_file(path) for rel, path in files.items()}
         existing = self.marker(prefix)
         if existing is None:
-            for rel, path in _local_files(local_dir):
+            for rel, path in files.items():
                 self._upload_file(path, _folder(prefix) + rel)
             content = {"files": digests, "inputs": _canonical(inputs), "published_at": utc_now()}
             if self.put_json_if(marker_key(prefix), content, None):
@@ -810,7 +817,8 @@ def _publish_dataset(root: Path, name: str, version: str, store: Store) -> str:
     if others:
         shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         log.info("not uploaded (not dataset files): %s", shown)
-    store.publish(root, prefix, inputs={"dataset_version": version}, only=files)
+    # immutable: a conditional marker, so two validations of one version never unpublish each other
+    store.publish_once(root, prefix, inputs={"dataset_version": version}, only=files)
     return store.uri(prefix)
 
 
