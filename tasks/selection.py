@@ -486,8 +486,8 @@ def main(args: argparse.Namespace) -> int:
     store = st.Store.from_env()
     try:
         result = select(store, args.run_id, experiments, args.gate, promote_winner=not args.no_promote)
-    except NoCandidateError as err:  # upstream stages failed: exit 1 with one clear line, no traceback
-        print(f"error: {err}", file=sys.stderr)
+    except (NoCandidateError, models.ProductionError) as err:  # upstream stages failed, or production
+        print(f"error: {err}", file=sys.stderr)  # names a broken model: exit 1, one clear line
         return 1
     print(json.dumps(summary(result), sort_keys=True))
     enforce_gate(result)

@@ -543,7 +543,7 @@ def test_rollback_moves_the_pointer_to_a_kept_version(
 
 
 def test_a_broken_pointer_stops_select_instead_of_passing_any_winner(
-    run: Run, store: st.Store, tmp_path: Path
+    run: Run, store: st.Store, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     champion(store, tmp_path, test_mdice=95.0)
     version = models.read_production(store).version
@@ -551,3 +551,7 @@ def test_a_broken_pointer_stops_select_instead_of_passing_any_winner(
     run.experiment("exp1", val_mdice=90.0, val_miou=82.0, test_mdice=88.0)
     with pytest.raises(models.ProductionError, match="names a broken model .* rollback --to VERSION"):
         selection.select(store, "run-1", ["exp1"])
+    assert run.select() == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "names a broken model" in err and "Traceback" not in err
+    assert not store.exists(st.winner_key("run-1"))  # no decision recorded against a broken champion
