@@ -19,6 +19,7 @@ from typing import Any
 
 import segpipe_runners as runners
 from airflow.providers.standard.operators.empty import EmptyOperator
+from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.sdk import (
     DAG,
     Asset,
@@ -64,7 +65,10 @@ TIMEOUTS = {
     "train": timedelta(hours=8),
     "evaluate": timedelta(hours=1),
     "select": timedelta(minutes=30),
+    "promote": timedelta(minutes=30),
 }
+# How long an approval request waits for a person; then its default, Reject, applies.
+APPROVAL_TIMEOUT = timedelta(days=3)
 DEFAULT_ARGS = {
     "owner": "segpipe",
     "retries": 2,
@@ -152,6 +156,17 @@ PARAMS = {
         title="Promote",
         description="Promote a winner that passes the gate to production (champion/challenger).",
     ),
+    "approval": Param(
+        "none",
+        type="string",
+        enum=list(runners.APPROVALS),
+        title="Approval",
+        description=(
+            "required: a person approves the promotion under Required Actions (the request shows the "
+            f"comparison, the gate and the champion decision); Reject, or no answer within "
+            f"{APPROVAL_TIMEOUT.days} days, promotes nothing. none: promote without asking."
+        ),
+    ),
 }
 
 
@@ -213,6 +228,33 @@ with DAG(
         trained = stage("train", train, gpu=True, device_requests=device_requests, map_index_template=label)
         trained >> stage("evaluate", evaluate, map_index_template=label)
 
+    # approval: required. Otherwise approval_request short-circuits: it and everything after are skipped.
+    @task.short_circuit(retries=0)
+    def approval_request(needed: bool, run_id: str | None = None) -> str | bool:
+        """The request's body: select's report.md (comparison table, gate, champion decision)."""
+        if not needed:
+            return False
+        report = runners.RunObjects(run_id).read("report.md")
+        if report is None:
+            raise AirflowFailException(f"run {run_id}: select published no report.md")
+        return report.decode(errors="replace")
+
+    # Airflow's human-in-the-loop request (listed under Required Actions); Reject on timeout.
+    approve = HITLOperator(
+        task_id="approve",
+        subject="Promote the winner of run {{ run_id }}?",
+        body="{{ ti.xcom_pull(task_ids='approval_request') }}",
+        options=[runners.APPROVE, runners.REJECT],
+        defaults=[runners.REJECT],
+        response_timeout=APPROVAL_TIMEOUT,
+        retries=0,
+    )
+
+    @task(retries=0)
+    def approval_outcome(promote: list[str], response: dict[str, Any]) -> list[str]:
+        """Who answered what -> select's promote step (approved: promotes; rejected, timed out: not)."""
+        return runners.approval_command(promote, response)
+
     commands = plan()
     experiments = plan_experiments()
     (
@@ -226,4 +268,7 @@ with DAG(
         # success there must not count as "one experiment succeeded".
         >> EmptyOperator(task_id="experiments_done", trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS)
         >> stage("select", commands["select"])
+        >> approval_request(commands["approval"])
+        >> approve
+        >> stage("promote", approval_outcome(commands["promote"], approve.output))
     )

@@ -12,6 +12,9 @@ testing on their own:
   `segpipe_clearml` (else the worker's environment), resolved at run time, never written in the DAG.
 - `LocalStageOperator` (subprocess in the worker's environment) and `DockerStageOperator`, both
   failing a task by the stage's exit code through `stage_failure` (2 and 3: no retry).
+- `RunObjects`: read-only view of a run's objects (runs/<id>/), for the approval request and the
+  run-report UI plugin (dags/plugins/segpipe_report.py).
+- `approval_command()`: the approval's answer (Airflow's HITL response) -> the promote step's argv.
 """
 
 from __future__ import annotations
@@ -27,11 +30,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import boto3
 from airflow.configuration import conf
 from airflow.providers.docker.exceptions import DockerContainerFailedException
 from airflow.providers.docker.operators.docker import DockerOperator
 from airflow.sdk import BaseHook, BaseOperator, Variable
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowNotFoundException
+from botocore.config import Config
+from botocore.exceptions import ClientError
 from docker.types import DeviceRequest
 
 from tasks import experiments
@@ -42,6 +48,9 @@ DEFAULT_EXPERIMENTS = experiments.default_names()
 PROFILES = ("full", "cpu")
 RELABEL_STRATEGIES = ("yolo_sam2", "morphology", "auto")
 RUNNERS = ("local", "docker")
+APPROVALS = ("none", "required")  # the DAG's `approval` param
+APPROVAL_REQUIRED = "required"
+APPROVE, REJECT = "Approve", "Reject"  # the approval request's options (Airflow's ApprovalOperator's)
 DEFAULT_BUCKET = "segmentation"
 DEFAULT_SCHEDULE = "0 3 * * 1"  # weekly, Monday 03:00 UTC
 DEFAULT_TRAINER_IMAGE = "segpipe-trainer:0.1.0"  # the tags docker-compose.yml builds
@@ -169,8 +178,14 @@ def build_plan(p: Mapping[str, Any], airflow_run_id: str) -> dict[str, Any]:
         relabel += ["--bad-masks", p["bad_masks"]]
     select = ["select", "--run-id", run_id, "--gate", str(p["quality_gate"])]
     select += ["--experiments", ",".join(p["experiments"])]
+    # approval required: select decides and reports (pending); `promote` (select again, with the
+    # approval's answer from approval_command) promotes once a person approved.
+    approval = p["approval"] == APPROVAL_REQUIRED and p["promote"]
+    promote = list(select)
     if not p["promote"]:
         select.append("--no-promote")
+    elif approval:
+        select += ["--approval", "pending"]
     experiments = []
     for name in p["experiments"]:
         # "--experiment NAME" first: the DAG's map_index_template labels mapped tasks with item 2.
@@ -190,6 +205,8 @@ def build_plan(p: Mapping[str, Any], airflow_run_id: str) -> dict[str, Any]:
         "relabel": relabel,
         "experiments": experiments,
         "select": select,
+        "approval": approval,
+        "promote": promote,
     }
 
 
@@ -409,3 +426,71 @@ CONTAINER_NAME = (
     "segpipe-{{ run_id | segpipe_key }}-{{ ti.task_id }}"
     "{{ '-%d' % ti.map_index if ti.map_index >= 0 else '' }}-try{{ ti.try_number }}"
 )
+
+
+# ---------------------------------------------------------------- approval and the run's objects
+
+
+def approval_command(promote: list[str], response: Mapping[str, Any]) -> list[str]:
+    """The promote step's argv from the approval request's answer (HITLOperator's return value).
+
+    Approve -> `--approval approved --responder NAME`; Reject -> `rejected`; the timeout's default
+    (Reject with no responder: Airflow answers for nobody) -> `timed-out`.
+    """
+    chosen = list(response.get("chosen_options") or [])
+    user = response.get("responded_by_user") or None
+    if chosen == [APPROVE] and user:
+        status = "approved"
+    elif chosen == [REJECT]:
+        status = "rejected" if user else "timed-out"
+    else:
+        raise AirflowFailException(f"unexpected approval answer {chosen!r} by {user!r}")
+    command = [*promote, "--approval", status]
+    if user:
+        command += ["--responder", str(user.get("name") or user.get("id"))]
+    return command
+
+
+class RunObjects:
+    """Read-only view of one run's objects, runs/<key-safe run id>/, with the stages' S3 settings."""
+
+    def __init__(self, airflow_run_id: str):
+        env = stage_environment()
+        self.bucket = env["SEGPIPE_BUCKET"]
+        self.prefix = f"runs/{safe_run_id(airflow_run_id)}/"
+        endpoint = env.get("AWS_ENDPOINT_URL") or None
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            # MinIO and moto behind a plain host:port need path-style addressing (as tasks/store.py).
+            config=Config(s3={"addressing_style": "path" if endpoint else "auto"}),
+            aws_access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
+            aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+            region_name=env.get("AWS_DEFAULT_REGION") or None,
+        )
+
+    def list(self) -> list[tuple[str, int]]:
+        """(key relative to the run's prefix, size) of every object, sorted."""
+        found = []
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix)
+        for page in pages:
+            found += [(obj["Key"][len(self.prefix) :], obj["Size"]) for obj in page.get("Contents", [])]
+        return sorted(found)
+
+    def open(self, key: str) -> dict[str, Any] | None:
+        """boto3's get_object answer (Body, ContentLength, ...), None if there is no such object."""
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+
+    def read(self, key: str, limit: int = 32 * 1024 * 1024) -> bytes | None:
+        obj = self.open(key)
+        if obj is None:
+            return None
+        try:
+            return obj["Body"].read(limit)
+        finally:
+            obj["Body"].close()

@@ -20,6 +20,10 @@ or a config this image no longer runs), so the gated winner is promoted and winn
 Two selects promoting at once: the pointer's conditional PUT lets one win; the other decides again
 against the new champion (`promote`), so winner.json always names the champion it was compared to.
 `champion_decision` (decide) and `promote` (write) are separate steps: an approval can sit between.
+Approval (the DAG's `approval: required`): `--approval pending` decides and reports without promoting
+("awaiting approval"); once a person answers, select runs again with `--approval approved|rejected|
+timed-out --responder NAME`: the same decision taken again (against production as it is then), the
+winner promoted only if approved; winner.json (`approval`) and report.md say which and who.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -44,6 +49,14 @@ log = logging.getLogger(__name__)
 DEFAULT_GATE = overrides.DEFAULT_GATE  # one default for the CLI and the DAG form
 TEST_SET_VERSION = "test_set_version"  # in test_metrics.json (evaluate) and model_card.json
 TIE_BREAK = "higher val mDice; tie -> higher val mIoU; tie -> fixed order " + ", ".join(ex.names())
+# --approval: the request's state -> the decision when the winner is not (yet) promoted
+APPROVAL_HELD = {
+    "pending": "awaiting approval",
+    "rejected": "not promoted: rejected by {by}",
+    "timed-out": "not promoted: approval timed out (no answer)",
+}
+APPROVAL_STATES = ("approved", *APPROVAL_HELD)
+RESPONDER = re.compile(r"[^\x00-\x1f\x7f]{1,128}")  # a user name: one line of printable text
 
 
 class NoCandidateError(RuntimeError):
@@ -305,6 +318,10 @@ def render_report(run_id: str, ranked: list[Candidate], failed: dict[str, str], 
             f"Challenger ({w.experiment}) test mDice: {_fmt(result['promotion']['challenger_test_mDice'])}; "
             f"champion test mDice: {_fmt(result['promotion']['champion_test_mDice'])}.",
         ]
+    if approval := result.get("approval"):
+        lines += ["", "## Approval", ""]
+        who = f" by {approval['by']}" if approval.get("by") else ""
+        lines.append(f"Required: **{approval['status']}**{who} at {approval['at']}.")
     lines += ["", "## Failed experiments", ""]
     lines += [f"- {name}: {why}" for name, why in failed.items()] or ["none"]
     return "\n".join(lines) + "\n"
@@ -319,11 +336,14 @@ def select(
     experiments: list[str],
     gate: float = DEFAULT_GATE,
     promote_winner: bool = True,
+    approval: dict | None = None,
 ) -> dict:
     """Decide, report (winner.json, report.md, manifest end time), promote; the winner.json content.
 
     A winner that fails the gate is reported and not promoted (`enforce_gate` turns that into the
     step's failure); NoCandidateError when no requested experiment has train and eval outputs.
+    `approval` ({"status": one of APPROVAL_STATES, "by": name or None, "at": time}): only an
+    approved winner is promoted; the others are reported as held (APPROVAL_HELD).
     """
     st.check_run_id(run_id)
     candidates, failed = [], {}
@@ -353,6 +373,8 @@ def select(
         "failed": failed,
         "winner": None,
     }
+    if approval is not None:
+        result["approval"] = approval
     if not ranked:
         result["promotion"] = {"decision": "nothing to select", "promoted": False}
         _write_reports(store, run_id, ranked, failed, result)
@@ -389,13 +411,19 @@ def select(
         }
     else:
         replace, reason = champion_decision(winner, production.card, run_id)
+        held = approval is not None and approval["status"] != "approved"
         promoted = False
-        if replace and promote_winner:
+        if replace and promote_winner and not held:
             promoted, reason, production = promote(store, run_id, winner, gate, production)
         if not promote_winner:
             decision = "not promoted: --no-promote" + (" (would replace the champion)" if replace else "")
+        elif held:
+            decision = APPROVAL_HELD[approval["status"]].format(by=approval.get("by"))
+            decision += " (would replace the champion)" if replace else " (the champion stays either way)"
         else:
             decision = "promoted" if promoted else "champion kept"
+            if approval is not None:
+                decision += f" (approved by {approval['by']})"
         result["promotion"] = {
             "decision": decision,
             "reason": reason,
@@ -478,14 +506,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma list of experiments to compare (default {','.join(ex.default_names())})",
     )
     parser.add_argument("--no-promote", action="store_true", help="decide and report; never touch production")
+    parser.add_argument(
+        "--approval",
+        choices=APPROVAL_STATES,
+        help="a person's approval of the promotion: pending (decide, report, wait), approved (promote), "
+        "rejected or timed-out (promote nothing)",
+    )
+    parser.add_argument("--responder", help="who answered the approval request (approved, rejected)")
+
+
+def parse_approval(status: str | None, responder: str | None) -> dict | None:
+    """--approval/--responder -> winner.json's `approval` (InputError on a missing or stray name)."""
+    if status is None:
+        if responder is not None:
+            raise InputError("--responder without --approval")
+        return None
+    answered = status in ("approved", "rejected")
+    if answered and (responder is None or not RESPONDER.fullmatch(responder)):
+        raise InputError(f"--approval {status} needs --responder NAME (one line, 1-128 characters)")
+    if not answered and responder is not None:
+        raise InputError(f"--approval {status} takes no --responder (nobody answered)")
+    return {"status": status, "by": responder, "at": st.utc_now()}
 
 
 def main(args: argparse.Namespace) -> int:
     overrides.check_gate(args.gate)  # the DAG's quality_gate param has the same bounds
     experiments = parse_experiments(args.experiments)
+    approval = parse_approval(args.approval, args.responder)
     store = st.Store.from_env()
     try:
-        result = select(store, args.run_id, experiments, args.gate, promote_winner=not args.no_promote)
+        result = select(
+            store, args.run_id, experiments, args.gate, promote_winner=not args.no_promote, approval=approval
+        )
     except (NoCandidateError, models.ProductionError) as err:  # upstream stages failed, or production
         print(f"error: {err}", file=sys.stderr)  # names a broken model: exit 1, one clear line
         return 1

@@ -34,7 +34,7 @@ from docker.api.client import APIClient  # noqa: E402
 from docker.errors import DockerException  # noqa: E402
 
 DAG_ID = "segmentation_pipeline"
-STAGES = ("validate", "eda", "relabel", "experiment.train", "experiment.evaluate", "select")
+STAGES = ("validate", "eda", "relabel", "experiment.train", "experiment.evaluate", "select", "promote")
 EDGES = {  # task -> its upstream tasks (plan: command lines; plan_experiments: the mapping)
     "plan": set(),
     "validate": {"plan"},
@@ -45,6 +45,11 @@ EDGES = {  # task -> its upstream tasks (plan: command lines; plan_experiments: 
     "experiment.evaluate": {"plan_experiments", "experiment.train"},
     "experiments_done": {"experiment.evaluate"},
     "select": {"plan", "experiments_done"},
+    # approval: required (else approval_request short-circuits the rest): a person's answer, then promote
+    "approval_request": {"plan", "select"},
+    "approve": {"approval_request"},
+    "approval_outcome": {"plan", "approve"},
+    "promote": {"approve", "approval_outcome"},
 }
 SEGPIPE_ENV = (
     "SEGPIPE_RUNNER",
@@ -286,7 +291,10 @@ def test_docker_mode_rendered_commands_names_and_no_secret(monkeypatch: pytest.M
         "eda": ["eda", "--run-id", run_id, "--dataset", "s3://segmentation/datasets/pets/v1"],
         "relabel": plan["relabel"],
         "select": ["select", "--run-id", run_id, "--gate", "0.75", "--experiments", "h1,h2,exp1,exp2"],
+        "promote": [*plan["promote"], "--approval", "approved", "--responder", "alice"],
     }
+    approved = {"chosen_options": [runners.APPROVE], "responded_by_user": {"id": "alice", "name": "alice"}}
+    xcoms[("approval_outcome", "return_value")] = runners.approval_command(plan["promote"], approved)
     names = set()
     for stage in STAGES:
         op = dag.get_task(stage)
@@ -308,7 +316,7 @@ def test_docker_mode_rendered_commands_names_and_no_secret(monkeypatch: pytest.M
                 for secret in (S3_SECRET, S3_KEY, CLEARML_SECRET):
                     assert secret not in text
     # Unique per task, map index and try: a retry never meets the container of the last try.
-    assert len(names) == 2 * (4 + 4 + 4)
+    assert len(names) == 2 * (4 + 4 + 5)
     assert "segpipe-manual__2026-11-25T18-00-00-00-00-experiment.train-2-try2" in names
 
 

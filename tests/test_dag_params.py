@@ -84,6 +84,7 @@ def test_schema_accepts_the_defaults_and_a_full_conf(dag: Any) -> None:
         "bad_masks": None,
         "quality_gate": 0.75,
         "promote": True,
+        "approval": "none",
     }
     conf = {
         "dataset": "/data/pets v2",
@@ -95,6 +96,7 @@ def test_schema_accepts_the_defaults_and_a_full_conf(dag: Any) -> None:
         "bad_masks": "s3://segmentation/datasets/pets/bad_mask_paths.json",
         "quality_gate": 0.8,
         "promote": False,
+        "approval": "required",  # nothing to approve without promotion: select stays --no-promote
     }
     assert run_params(dag, **conf) == conf
     plan = plan_xcoms(dag, run_params(dag, **conf))

@@ -3,7 +3,7 @@
 A FastAPI app mounted by the API server at /segpipe-report and an external view "Report" on every
 DAG-run page of `segmentation_pipeline` (an iframe of /segpipe-report/<dag_id>/<run_id>/). The page
 renders runs/<id>/report.md (its HTML is escaped: nothing from the bucket runs in the browser), shows
-the pictures the run published (EDA charts, relabel previews, confusion matrices, best/worst panels),
+the pictures the run published (EDA charts, confusion matrices, best/worst panels),
 draws each experiment's training curves from its log.json (loss per iteration, val mDice per
 validation), and lists every object under runs/<id>/ with a link.
 
@@ -31,14 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import boto3
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
 from airflow.api_fastapi.common.db.common import SessionDep
 from airflow.api_fastapi.core_api.security import requires_access_dag
 from airflow.models.dagrun import DagRun
 from airflow.plugins_manager import AirflowPlugin
-from botocore.config import Config
-from botocore.exceptions import ClientError
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import HTMLResponse, StreamingResponse
 from jinja2 import Environment, FileSystemLoader
@@ -51,12 +48,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import segpipe_runners as runners  # noqa: E402
 
 URL_PREFIX = "/segpipe-report"
+REPORT = "report.md"  # select's report, at the run's top (tasks.store.report_key)
 # Picture files shown inline; label masks, mirrors and tracking sessions are only listed.
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 NOT_PICTURES = ("labels", "work", "clearml")  # folder names (prefix match: labels_sam2 too)
 # Served inline as text; everything else is a download.
 TEXT_SUFFIXES = (".json", ".md", ".py", ".txt", ".jsonl", ".log")
-MAX_LOG_BYTES = 32 * 1024 * 1024
 
 app = FastAPI(title="segmentation_pipeline run report", docs_url=None, redoc_url=None, openapi_url=None)
 ReadRuns = Depends(requires_access_dag("GET", DagAccessEntity.RUN))
@@ -77,48 +74,6 @@ class Artifact:
         return self.key.lower().endswith(PICTURE_SUFFIXES) and not any(
             folder.startswith(NOT_PICTURES) for folder in folders
         )
-
-
-class RunStore:
-    """Read-only view of one run's objects: runs/<key-safe run id>/ in the pipeline's bucket."""
-
-    def __init__(self, airflow_run_id: str):
-        env = runners.stage_environment()
-        self.bucket = env["SEGPIPE_BUCKET"]
-        self.prefix = f"runs/{runners.safe_run_id(airflow_run_id)}/"
-        endpoint = env.get("AWS_ENDPOINT_URL") or None
-        self.client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            # MinIO and moto behind a plain host:port need path-style addressing (as tasks/store.py).
-            config=Config(s3={"addressing_style": "path" if endpoint else "auto"}),
-            aws_access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
-            aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
-            region_name=env.get("AWS_DEFAULT_REGION") or None,
-        )
-
-    def artifacts(self) -> list[Artifact]:
-        found = []
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix)
-        for page in pages:
-            for obj in page.get("Contents", []):
-                found.append(Artifact(obj["Key"][len(self.prefix) :], obj["Size"]))
-        return sorted(found, key=lambda a: a.key)
-
-    def open(self, key: str) -> dict[str, Any]:
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                raise HTTPException(404, f"no artifact {key!r} in this run") from err
-            raise
-
-    def read(self, key: str, limit: int = MAX_LOG_BYTES) -> bytes:
-        body = self.open(key)["Body"]
-        try:
-            return body.read(limit)
-        finally:
-            body.close()
 
 
 def _check_run(session: Any, dag_id: str, run_id: str) -> None:
@@ -198,7 +153,7 @@ class Section:
     curves: list[str]
 
 
-def sections(store: RunStore, artifacts: list[Artifact]) -> Iterator[Section]:
+def sections(store: runners.RunObjects, artifacts: list[Artifact]) -> Iterator[Section]:
     """EDA and relabel pictures, then one section per experiment: curves, then its evaluation's."""
     by_stage: dict[tuple[str, ...], list[Artifact]] = {}
     for artifact in artifacts:
@@ -216,7 +171,7 @@ def sections(store: RunStore, artifacts: list[Artifact]) -> Iterator[Section]:
         curves = []
         log = f"train/{experiment}/log.json"
         if not pictures and any(a.key == log for a in trained):
-            series = log_series(store.read(log).decode(errors="replace"))
+            series = log_series((store.read(log) or b"").decode(errors="replace"))
             if series["loss"]:
                 curves.append(svg_chart(f"{experiment} train loss", series["loss"], "iteration"))
             if series["mDice"]:
@@ -257,11 +212,10 @@ PAGE_CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; frame
 @app.get("/{dag_id}/{run_id}/", response_class=HTMLResponse, dependencies=[ReadRuns])
 def run_report(dag_id: str, run_id: str, session: SessionDep) -> HTMLResponse:
     _check_run(session, dag_id, run_id)
-    store = RunStore(run_id)
-    artifacts = store.artifacts()
-    report = None
-    if any(a.key == "report.md" for a in artifacts):
-        report = _MARKDOWN.render(store.read("report.md").decode(errors="replace"))
+    store = runners.RunObjects(run_id)
+    artifacts = [Artifact(key, size) for key, size in store.list()]
+    text = store.read(REPORT)
+    report = _MARKDOWN.render(text.decode(errors="replace")) if text is not None else None
     console = os.environ.get("SEGPIPE_S3_CONSOLE_URL")
     page = PAGE.render(
         run_id=run_id,
@@ -282,7 +236,9 @@ def run_report(dag_id: str, run_id: str, session: SessionDep) -> HTMLResponse:
 @app.get("/{dag_id}/{run_id}/artifacts/{key:path}", dependencies=[ReadRuns])
 def artifact(dag_id: str, run_id: str, key: str, session: SessionDep) -> StreamingResponse:
     _check_run(session, dag_id, run_id)
-    obj = RunStore(run_id).open(_safe_key(key))
+    obj = runners.RunObjects(run_id).open(_safe_key(key))
+    if obj is None:
+        raise HTTPException(404, f"no artifact {key!r} in this run")
     name = PurePosixPath(key).name
     if key.lower().endswith(PICTURE_SUFFIXES):
         media, disposition = mimetypes.guess_type(name)[0] or "application/octet-stream", "inline"
