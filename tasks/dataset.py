@@ -425,26 +425,28 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(validate_dataset(Path(args.dataset)), indent=2))
         return 0
 
-    from tasks import store as store_module  # boto3 only when a store is actually used
+    # boto3 only when a store is actually used
+    from tasks import manifest, materialize
+    from tasks import store as store_module
 
     store = store_module.Store.from_env()
     if args.run_id is not None:
         store_module.check_run_id(args.run_id)
     if remote:
-        ref = store_module.materialize_dataset(args.dataset, store)
+        ref = materialize.materialize_dataset(args.dataset, store)
         summary = validate_dataset(ref.root)
     else:
         summary = validate_dataset(Path(args.dataset))  # before uploading: never publish a bad dataset
-        ref = store_module.materialize_dataset(args.dataset, store)
+        ref = materialize.materialize_dataset(args.dataset, store)
     summary["uri"] = ref.uri
     if args.run_id is not None:
-        # the stages after validate read exactly this version (store.pinned_dataset)
-        dataset = store_module.pin_dataset(args.dataset, ref, store)
+        # the stages after validate read exactly this version (materialize.pinned_dataset)
+        dataset = materialize.pin_dataset(args.dataset, ref, store)
         summary["uri"] = dataset["uri"]
         dataset["splits"] = summary["splits"]
         dataset["split_versions"] = summary["split_versions"]
         dataset["converted"] = len(summary["converted"])
-        store_module.update_manifest(
+        manifest.update_manifest(
             store, args.run_id, dataset=dataset, params=params, started_at=store_module.utc_now()
         )
         log.info("run %s: dataset %s version %s recorded in the manifest", args.run_id, ref.name, ref.version)

@@ -54,6 +54,7 @@ from tqdm import tqdm
 from tasks import masks, store, tracking
 from tasks.dataset import CLASSES, IGNORE_INDEX, SPLITS, list_pairs, read_image, read_mask
 from tasks.errors import InputError
+from tasks.materialize import materialize_dataset
 
 log = logging.getLogger(__name__)
 
@@ -466,7 +467,7 @@ def main(args: argparse.Namespace) -> int:
     run_id = store.check_run_id(args.run_id)
     check_tiny_area(args.tiny_area)
     st = store.Store.from_env()
-    ref = store.materialize_dataset(args.dataset, st, run_id=args.run_id)
+    ref = materialize_dataset(args.dataset, st, run_id=args.run_id)
     prefix = store.stage_prefix(run_id, "eda")
     inputs = {"dataset_version": ref.version, "scorer": scorer_settings(args.tiny_area)}
     if st.is_current(prefix, inputs):

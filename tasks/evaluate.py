@@ -34,12 +34,11 @@ from tasks import experiments
 from tasks.dataset import split_version
 from tasks.errors import InputError
 from tasks.experiments import SUMMARY_KEYS
+from tasks.materialize import DatasetRef, materialize_dataset
 from tasks.store import (
-    DatasetRef,
     Store,
     check_run_id,
     manifest_key,
-    materialize_dataset,
     sha256_file,
     stage_prefix,
     utc_now,

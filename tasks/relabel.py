@@ -42,6 +42,8 @@ from tqdm import tqdm
 from tasks import eda, masks, store, tracking
 from tasks.dataset import CLASSES, list_pairs, read_image, read_mask
 from tasks.errors import InputError
+from tasks.materialize import materialize_dataset
+from tasks.weights import fetch_weights
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ RELABELED_DIR = "labels_sam2"
 FOREGROUND = eda.FOREGROUND
 COCO_TO_CLASS = {15: CLASSES.index("cat"), 16: CLASSES.index("dog")}  # COCO ids -> our class ids
 DETECTION_CONF = 0.25  # ultralytics' own default confidence threshold
-# The user-supplied weight files, found as tasks.store.fetch_weights says (see module docstring).
+# The user-supplied weight files, found as tasks.weights.fetch_weights says (see module docstring).
 YOLO_WEIGHTS_FILE = "yolov8x.pt"
 SAM2_CHECKPOINT_FILE = "sam2.1_hiera_large.pt"
 SAM2_CONFIG = "configs/sam2.1/sam2.1_hiera_l.yaml"
@@ -432,7 +434,7 @@ def plan_strategy(args: argparse.Namespace, st: store.Store) -> tuple[Plan, Call
         ("sam2", args.sam2_checkpoint, SAM2_CHECKPOINT_FILE, "--sam2-checkpoint"),
     ):
         try:
-            resolved[name] = store.fetch_weights(st, spec, filename, flag)
+            resolved[name] = fetch_weights(st, spec, filename, flag)
         except InputError as err:
             problems += err.problems
     try:
@@ -573,7 +575,7 @@ def main(args: argparse.Namespace) -> int:
     run_id = store.check_run_id(args.run_id)
     eda.check_tiny_area(args.tiny_area)
     st = store.Store.from_env()
-    ref = store.materialize_dataset(args.dataset, st, run_id=args.run_id)
+    ref = materialize_dataset(args.dataset, st, run_id=args.run_id)
     given = load_bad_list(args.bad_masks, ref.root, st) if args.bad_masks else []
     plan, build_repair = plan_strategy(args, st)
     scores, score_source = suspicious_scores(st, run_id, ref.root, ref.version, args.tiny_area)

@@ -36,6 +36,7 @@ from tasks import store as st
 from tasks.dataset import CLASSES, IGNORE_INDEX, list_pairs
 from tasks.eda import CLASS_COLOURS, mask_key
 from tasks.errors import InputError
+from tasks.materialize import materialize_dataset
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ def prepare_samples(store: st.Store, run_id: str, dataset_uri: str | None = None
 
     st.check_run_id(run_id)
     work = st.work_dir() / "review" / run_id
-    dataset = st.materialize_dataset(dataset_uri or recorded_dataset_uri(store, run_id), store)
+    dataset = materialize_dataset(dataset_uri or recorded_dataset_uri(store, run_id), store)
     scores, threshold = _eda_scores(store, run_id, work)
     relabeled = _relabeled(store, run_id, work)
     winner = winner_experiment(store, run_id)

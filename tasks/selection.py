@@ -43,6 +43,7 @@ from tasks import models, overrides
 from tasks import store as st
 from tasks.errors import InputError, QualityGateError
 from tasks.experiments import PER_CLASS_KEYS, SUMMARY_KEYS
+from tasks.manifest import update_manifest
 
 log = logging.getLogger(__name__)
 
@@ -458,7 +459,7 @@ def _write_reports(
     store.put_text(st.report_key(run_id), render_report(run_id, ranked, failed, result))
     store.put_json(st.winner_key(run_id), result)
     winner = result["winner"]["experiment"] if result["winner"] else None
-    st.update_manifest(
+    update_manifest(
         store,
         run_id,
         ended_at=st.utc_now(),

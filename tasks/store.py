@@ -5,6 +5,9 @@ moto server, MinIO and AWS S3 run the same code. Integrity is checked with SHA-2
 carries its sha256 in user metadata (and S3 verifies each uploaded part with ChecksumAlgorithm=SHA256);
 every download is hashed and compared. Multipart ETags are never trusted for integrity.
 
+Dataset copies live in tasks.materialize, user weights in tasks.weights, the run manifest in
+tasks.manifest, the cross-run cache index in tasks.stage (its keys are laid out here).
+
 A stage publishes a prefix atomically: the files first, `<prefix>/_SUCCESS` (JSON listing every file
 with its sha256) last. Readers (`fetch`, `is_current`) only see a prefix that has its marker.
 """
@@ -12,19 +15,15 @@ with its sha256) last. Readers (`fetch`, `is_current`) only see a prefix that ha
 from __future__ import annotations
 
 import base64
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
-import subprocess
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
@@ -60,18 +59,6 @@ STAGES_WITH_EXPERIMENT = ("train", "eval")
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SHA256_META = "sha256"  # user metadata key (x-amz-meta-sha256) holding the hex digest of the object
 MB = 1024 * 1024
-# Recorded in the run manifest when installed (mmcv or mmcv-lite, whichever the image has).
-PACKAGES = (
-    "torch",
-    "mmsegmentation",
-    "mmengine",
-    "mmcv",
-    "mmcv-lite",
-    "ultralytics",
-    "sam2",
-    "clearml",
-    "boto3",
-)
 # S3 error codes worth retrying the whole operation for: server-side hiccups, and NoSuchUpload (a
 # multipart upload the server forgot, e.g. after a restart: starting over is the only way forward).
 RETRYABLE_CODES = {
@@ -212,7 +199,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _local_files(local_dir: Path) -> Iterator[tuple[str, Path]]:
+def local_files(local_dir: Path) -> Iterator[tuple[str, Path]]:
     for path in sorted(local_dir.rglob("*")):
         if path.is_file():
             yield path.relative_to(local_dir).as_posix(), path
@@ -221,14 +208,14 @@ def _local_files(local_dir: Path) -> Iterator[tuple[str, Path]]:
 def _selected_files(local_dir: Path, only: list[str] | None) -> dict[str, Path]:
     """relative path -> file: `only` (paths relative to local_dir) or, if None, every file under it."""
     if only is None:
-        return dict(_local_files(local_dir))
+        return dict(local_files(local_dir))
     return {rel: local_dir / rel for rel in sorted(only)}
 
 
 # ---------------------------------------------------------------- retries
 
 
-def _error_code(err: BaseException) -> str | None:
+def error_code(err: BaseException) -> str | None:
     if isinstance(err, ClientError):
         error = err.response.get("Error", {})
         return str(error.get("Code") or err.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
@@ -253,7 +240,7 @@ def _retryable(err: BaseException, after_connection_error: bool) -> bool:
     cause = _unwrap(err)
     if isinstance(cause, ChecksumMismatch) or _is_connection_error(cause):
         return True
-    code = _error_code(cause)
+    code = error_code(cause)
     # A server that just came back (embedded moto restarts empty) may not have its bucket yet: wait
     # for whoever owns the bucket to recreate it; the store itself never creates buckets implicitly.
     return code in RETRYABLE_CODES or (code == "NoSuchBucket" and after_connection_error)
@@ -304,7 +291,7 @@ class Store:
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError as err:
-            if _error_code(err) not in ("404", "NoSuchBucket", "NotFound"):
+            if error_code(err) not in ("404", "NoSuchBucket", "NotFound"):
                 raise
             region = self.client.meta.region_name
             # AWS wants the region spelled out everywhere but us-east-1; MinIO and moto accept it.
@@ -420,7 +407,7 @@ class Store:
             try:
                 response = self.client.get_object(Bucket=self.bucket, Key=key)
             except ClientError as err:
-                if _error_code(err) in ("404", "NoSuchKey", "NotFound"):
+                if error_code(err) in ("404", "NoSuchKey", "NotFound"):
                     return None, None
                 raise
             data = response["Body"].read()
@@ -452,7 +439,7 @@ class Store:
                     **condition,
                 )
             except ClientError as err:
-                if _error_code(err) in CONFLICT_CODES:
+                if error_code(err) in CONFLICT_CODES:
                     return False
                 raise
             return True
@@ -487,14 +474,14 @@ class Store:
             try:
                 self.client.head_object(Bucket=self.bucket, Key=key)
             except ClientError as err:
-                if _error_code(err) in ("404", "NoSuchKey", "NotFound"):
+                if error_code(err) in ("404", "NoSuchKey", "NotFound"):
                     return False
                 raise
             return True
 
         return self._retrying(f"head {self.uri(key)}", head)
 
-    def _list_objects(self, prefix: str) -> list[dict]:
+    def list_objects(self, prefix: str) -> list[dict]:
         def listing() -> list[dict]:
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=_folder(prefix)
@@ -505,7 +492,7 @@ class Store:
 
     def list_keys(self, prefix: str) -> list[str]:
         """Keys under the folder `prefix` ('runs/a' lists runs/a/..., never runs/ab/...), sorted."""
-        return sorted(obj["Key"] for obj in self._list_objects(prefix))
+        return sorted(obj["Key"] for obj in self.list_objects(prefix))
 
     def delete_keys(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
@@ -527,7 +514,7 @@ class Store:
         if not local_dir.is_dir():
             raise InputError(f"{local_dir}: not a directory, cannot upload it to {self.uri(prefix)}")
         keys = []
-        for rel, path in _local_files(local_dir):
+        for rel, path in local_files(local_dir):
             key = _folder(prefix) + rel
             self._upload_file(path, key)
             keys.append(key)
@@ -567,7 +554,7 @@ class Store:
         if stale:
             log.info("removing %d stale keys under %s", len(stale), self.uri(prefix))
             self.delete_keys(stale)
-        content = {"files": digests, "inputs": _canonical(inputs), "published_at": utc_now()}
+        content = {"files": digests, "inputs": canonical(inputs), "published_at": utc_now()}
         self.put_json(marker, content)
         log.info("published %d files to %s", len(digests), self.uri(_folder(prefix)))
         return content
@@ -588,7 +575,7 @@ class Store:
         if existing is None:
             for rel, path in files.items():
                 self._upload_file(path, _folder(prefix) + rel)
-            content = {"files": digests, "inputs": _canonical(inputs), "published_at": utc_now()}
+            content = {"files": digests, "inputs": canonical(inputs), "published_at": utc_now()}
             if self.put_json_if(marker_key(prefix), content, None):
                 log.info("published %d files to %s (immutable)", len(digests), self.uri(_folder(prefix)))
                 return content
@@ -602,14 +589,14 @@ class Store:
         try:
             return self.get_json(marker_key(prefix))
         except ClientError as err:
-            if _error_code(err) in ("404", "NoSuchKey", "NotFound"):
+            if error_code(err) in ("404", "NoSuchKey", "NotFound"):
                 return None
             raise
 
     def is_current(self, prefix: str, inputs: dict) -> bool:
         """True when prefix is published, with these inputs, and every file it lists is there."""
         content = self.marker(prefix)
-        if content is None or content.get("inputs") != _canonical(inputs):
+        if content is None or content.get("inputs") != canonical(inputs):
             return False
         present = set(self.list_keys(prefix))
         return all(_folder(prefix) + rel in present for rel in content["files"])
@@ -620,10 +607,10 @@ class Store:
         Files already present locally with the right sha256 are not downloaded again. If the stage is
         re-published while we download, we start over with the new marker (never a mix of both).
         """
-        self._fetch(prefix, Path(local_dir), wait_s)
+        self.fetch_marked(prefix, Path(local_dir), wait_s)
         return Path(local_dir)
 
-    def _fetch(self, prefix: str, local_dir: Path, wait_s: float) -> dict:
+    def fetch_marked(self, prefix: str, local_dir: Path, wait_s: float) -> dict:
         """fetch(), returning the marker whose files are now in local_dir."""
         deadline = time.monotonic() + wait_s
         for _ in range(self.retry.attempts):
@@ -654,25 +641,12 @@ class Store:
         return content
 
 
-def _canonical(obj: Any) -> Any:
+def canonical(obj: Any) -> Any:
     """What obj looks like after a JSON round trip (tuples -> lists), so comparisons are fair."""
     return json.loads(json.dumps(obj, sort_keys=True))
 
 
-# ---------------------------------------------------------------- datasets
-
-
-@dataclass(frozen=True)
-class DatasetRef:
-    root: Path
-    name: str
-    version: str
-    uri: str
-
-
-def _sanitize_name(name: str) -> str:
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-_")[:128]
-    return cleaned or "dataset"
+# ---------------------------------------------------------------- locations
 
 
 def parse_s3_uri(uri: str, bucket: str) -> str:
@@ -698,259 +672,3 @@ WEIGHTS_PREFIX = "weights"
 def weights_key(filename: str) -> str:
     """Where users put weight files in the bucket: weights/<filename>."""
     return f"{WEIGHTS_PREFIX}/{filename}"
-
-
-def fetch_weights(store: Store, spec: str | None, filename: str, flag: str) -> tuple[Path, str]:
-    """A user-supplied weights file as a local path, and where it came from.
-
-    `spec` is a local path or an s3:// URI in the pipeline's bucket. Without one: the file baked into
-    an image ($SEGPIPE_WEIGHTS_DIR/<filename>, see images/relabel), else s3://<bucket>/weights/<filename>.
-    A missing file is an InputError that says where to put it.
-    """
-    default_key = weights_key(filename)
-    target = store.uri(default_key)
-    hint = (
-        f"upload {filename} to {target} (e.g. `aws s3 cp {filename} {target}`) "
-        f"or pass {flag} with a local path or an s3:// URI in bucket {store.bucket}"
-    )
-    baked = Path(os.environ.get("SEGPIPE_WEIGHTS_DIR") or "/nonexistent") / filename
-    if spec is None and baked.is_file():
-        return baked, str(baked)
-    if spec is not None and not spec.startswith("s3://"):
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise InputError(f"{flag} {spec}: weights file not found; {hint}")
-        return path.resolve(), str(path.resolve())
-    key = default_key if spec is None else parse_s3_uri(spec, store.bucket)
-    if not store.exists(key):
-        raise InputError(f"{flag}: weights file {store.uri(key)} not found; {hint}")
-    # Weights are immutable by convention (a new file gets a new key): download once per key.
-    local = work_dir() / "weights" / store.bucket / key
-    if not local.is_file():
-        store.download_file(key, local)
-    return local, store.uri(key)
-
-
-def _dataset_name(prefix: str) -> str:
-    """datasets/<name>/<anything> -> name; any other prefix -> its last segment, sanitized."""
-    parts = prefix.split("/")
-    return parts[1] if len(parts) == 3 and parts[0] == "datasets" else _sanitize_name(parts[-1])
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock file beside path: parallel stages on one worker share one dataset copy."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _listing_problems(store: Store, objects: list[dict]) -> list[str]:
-    """What makes a prefix's objects no set of files: zero-byte "folder" objects (`images/train/`, what
-    the S3 console's "Create folder" writes) and keys that are both a file and a folder."""
-    keys = {obj["Key"] for obj in objects}
-    problems = [
-        f"{store.uri(key)}: a folder object (key ending in '/'), not a file: delete it "
-        f"(aws s3api delete-object --bucket {store.bucket} --key {key})"
-        for key in sorted(keys)
-        if key.endswith("/")
-    ]
-    for key in sorted(keys):
-        parents = [key[:i] for i, char in enumerate(key) if char == "/"]
-        problems += [f"{store.uri(p)}: both a file and the folder of {key}" for p in parents if p in keys]
-    return problems
-
-
-def _download_dataset(uri: str, store: Store) -> DatasetRef:
-    """An s3:// dataset prefix as a local copy in work_dir()/datasets/<bucket>/<prefix> (reused while
-    the remote marker, or the remote listing for unpublished prefixes, is unchanged)."""
-    from tasks.dataset import content_hash  # the dataset module owns the version
-
-    prefix = parse_s3_uri(uri, store.bucket)
-    local = work_dir() / "datasets" / store.bucket / prefix
-    record_path = local.with_name(local.name + ".source.json")
-    with _locked(local):
-        content = store.marker(prefix)
-        if content is not None:
-            source = {"marker": content}
-        else:  # a prefix a person uploaded without our marker: key, size and ETag detect changes only
-            objects = store._list_objects(prefix)
-            if not objects:
-                raise InputError(f"{uri}: no objects under this prefix")
-            if problems := _listing_problems(store, objects):
-                raise InputError(problems)
-            source = {"listing": sorted([o["Key"], o["Size"], o["ETag"]] for o in objects)}
-        recorded = json.loads(record_path.read_text()) if record_path.is_file() else None
-        if local.is_dir() and recorded == _canonical(source):
-            log.info("dataset %s cached in %s", uri, local)
-        else:
-            record_path.unlink(missing_ok=True)
-            if content is not None:
-                content = store._fetch(prefix, local, wait_s=0)  # skips files whose sha256 matches
-                source, wanted = {"marker": content}, set(content["files"])
-            else:
-                wanted = {p.relative_to(local).as_posix() for p in store.download_prefix(prefix, local)}
-            # files an older version had and this one does not: a stale copy must not mix in
-            for rel, path in list(_local_files(local)):
-                if rel not in wanted:
-                    path.unlink()
-            record_path.write_text(json.dumps(source, sort_keys=True))
-        version = content_hash(local)
-    return DatasetRef(root=local, name=_dataset_name(prefix), version=version, uri=store.uri(prefix))
-
-
-def _publish_dataset(root: Path, name: str, version: str, store: Store) -> str:
-    """Publish a validated dataset's own files (tasks.dataset.dataset_files: what its version covers,
-    never a `.env` or notes beside them) once to datasets/<name>/<version>/; the prefix's URI."""
-    from tasks.dataset import dataset_files
-
-    prefix = dataset_prefix(name, version)
-    if store.marker(prefix) is not None:  # content-addressed: a published version never changes
-        log.info("dataset %s version %s already in %s (cached)", name, version, store.uri(prefix))
-        return store.uri(prefix)
-    files = dataset_files(root)
-    others = sorted(rel for rel, _ in _local_files(root) if rel not in set(files))
-    if others:
-        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-        log.info("not uploaded (not dataset files): %s", shown)
-    # immutable: a conditional marker, so two validations of one version never unpublish each other
-    store.publish_once(root, prefix, inputs={"dataset_version": version}, only=files)
-    return store.uri(prefix)
-
-
-def materialize_dataset(uri: str, store: Store | None = None, run_id: str | None = None) -> DatasetRef:
-    """A dataset given as a local dir or an s3:// prefix, both present locally and in the bucket.
-
-    Local dir: version = content hash, its dataset files published once to datasets/<name>/<version>/
-    (a second call with the same content uploads nothing); root stays the local dir.
-    s3:// prefix: downloaded into work_dir()/datasets/<prefix> (see _download_dataset); root is the
-    local copy.
-    run_id of a run that validate checked (runs/<id>/manifest.json records `dataset`): the stage
-    reads the version validate pinned instead (`pinned_dataset`), whatever uri holds now.
-    """
-    from tasks.dataset import content_hash, validate_dataset  # the dataset module owns both
-
-    store = store or Store.from_env()
-    if run_id is not None and (pin := validated_dataset(store, run_id)) is not None:
-        return pinned_dataset(uri, pin, store, run_id)
-    if uri.startswith("s3://"):
-        return _download_dataset(uri, store)
-    root = Path(uri).expanduser().resolve()
-    if not root.is_dir():
-        raise InputError(f"{uri}: dataset directory does not exist")
-    name, version = _sanitize_name(root.name), content_hash(root)
-    if store.marker(dataset_prefix(name, version)) is None:
-        # Any stage may be the first to see a dataset: never publish one that fails validation.
-        validate_dataset(root)
-    return DatasetRef(root=root, name=name, version=version, uri=_publish_dataset(root, name, version, store))
-
-
-def dataset_source(uri: str, store: Store) -> str:
-    """How a --dataset value is recorded and compared: an absolute path or s3://<bucket>/<prefix>."""
-    if uri.startswith("s3://"):
-        return store.uri(parse_s3_uri(uri, store.bucket))
-    return str(Path(uri).expanduser().resolve())
-
-
-def pin_dataset(uri: str, ref: DatasetRef, store: Store) -> dict:
-    """What validate records for the stages after it (the manifest's `dataset`): the immutable copy
-    datasets/<name>/<version>/ of the files it validated (published from ref.root unless that version
-    is there already) and where they came from. A sync into the source prefix during the run
-    changes nothing the run reads."""
-    pinned = _publish_dataset(ref.root, ref.name, ref.version, store)
-    return {"name": ref.name, "version": ref.version, "uri": pinned, "source": dataset_source(uri, store)}
-
-
-def validated_dataset(store: Store, run_id: str) -> dict | None:
-    """The dataset validate recorded for a run (`pin_dataset`), or None if validate did not run."""
-    key = manifest_key(run_id)
-    if not store.exists(key):
-        return None
-    pin = store.get_json(key).get("dataset") or {}
-    return pin if pin.get("uri") and pin.get("version") else None
-
-
-def pinned_dataset(uri: str, pin: dict, store: Store, run_id: str) -> DatasetRef:
-    """The dataset version a run's validate checked, read from its pinned copy.
-
-    InputError (exit 2) if uri is another dataset than the one validate checked, or if the pinned
-    copy no longer holds exactly the validated content (an object rewritten or deleted).
-    """
-    given = dataset_source(uri, store)
-    # a manifest written before pins had no source: its uri is what validate checked
-    if "source" in pin and given not in (pin["uri"], pin["source"]):
-        raise InputError(
-            f"--dataset {uri}: run {run_id} validated {pin.get('source') or pin['uri']} (version "
-            f"{pin['version']}); a run reads one dataset: validate this one under a new run id"
-        )
-    try:
-        ref = _download_dataset(pin["uri"], store)
-    except (ChecksumMismatch, ClientError) as err:  # an object of the pinned copy rewritten or deleted
-        if isinstance(err, ClientError) and _error_code(err) not in ("404", "NoSuchKey", "NotFound"):
-            raise
-        raise InputError(
-            f"{pin['uri']}: {err}: the dataset changed after validate checked it in run {run_id}"
-        ) from err
-    if ref.version != pin["version"]:
-        raise InputError(
-            f"{pin['uri']}: dataset version is now {ref.version}, validate checked {pin['version']} "
-            f"in run {run_id}: the data changed under the run"
-        )
-    if given != pin["uri"]:
-        log.info("run %s reads %s: the version of %s that validate checked", run_id, pin["uri"], uri)
-    return DatasetRef(root=ref.root, name=pin.get("name", ref.name), version=ref.version, uri=pin["uri"])
-
-
-# ---------------------------------------------------------------- run manifest
-
-
-def git_sha() -> str:
-    if sha := os.environ.get("SEGPIPE_GIT_SHA"):
-        return sha
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        result = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return result.stdout.strip() if result.returncode == 0 else "unknown"
-
-
-def package_versions() -> dict[str, str]:
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
-def _merge(old: dict, new: dict) -> dict:
-    merged = dict(old)
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def update_manifest(store: Store, run_id: str, **fields: Any) -> dict:
-    """Merge fields into runs/<id>/manifest.json (dicts merge key by key) and return the result.
-
-    The first write records started_at, the git sha; every write adds the writer's package
-    versions. Read-modify-write: only one stage at a time may call it (validate, then select).
-    """
-    key = manifest_key(run_id)
-    current = store.get_json(key) if store.exists(key) else {}
-    base = {"run_id": run_id, "git_sha": git_sha(), "started_at": utc_now()}
-    manifest = _merge({**base, **current}, {"packages": package_versions(), **_canonical(fields)})
-    manifest["updated_at"] = utc_now()
-    store.put_json(key, manifest)
-    return manifest

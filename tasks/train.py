@@ -35,11 +35,11 @@ from tasks import experiments, mmcompat, overrides
 from tasks.dataset import SPLITS
 from tasks.errors import InputError
 from tasks.experiments import PER_CLASS_KEYS, SUMMARY_KEYS
+from tasks.materialize import materialize_dataset
 from tasks.store import (
     Store,
     check_run_id,
     marker_key,
-    materialize_dataset,
     parse_s3_uri,
     sha256_file,
     stage_prefix,

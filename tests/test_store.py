@@ -16,7 +16,10 @@ from boto3.s3.transfer import TransferConfig
 from tasks import store as st
 from tasks.dataset import content_hash, dataset_files
 from tasks.errors import InputError
-from tasks.store import ChecksumMismatch, RetryPolicy, Store, fetch_weights, weights_key
+from tasks.manifest import update_manifest
+from tasks.materialize import materialize_dataset
+from tasks.store import ChecksumMismatch, RetryPolicy, Store, weights_key
+from tasks.weights import fetch_weights
 
 MB = 1024 * 1024
 
@@ -295,7 +298,7 @@ def test_store_never_creates_buckets(s3_env, monkeypatch, tmp_path: Path) -> Non
 
 
 def test_materialize_local_dataset_uploads_once(store: Store, tiny_dataset: Path) -> None:
-    ref = st.materialize_dataset(str(tiny_dataset), store)
+    ref = materialize_dataset(str(tiny_dataset), store)
     version = content_hash(tiny_dataset)
     assert (ref.root, ref.name, ref.version) == (tiny_dataset.resolve(), "synth", version)
     assert ref.uri == f"s3://{store.bucket}/datasets/synth/{version}"
@@ -304,20 +307,20 @@ def test_materialize_local_dataset_uploads_once(store: Store, tiny_dataset: Path
     assert sorted(marker["files"]) == dataset_files(tiny_dataset)
     assert "synth.json" not in marker["files"] and (tiny_dataset / "synth.json").is_file()
     uploads = count_calls(store, "PutObject", "CreateMultipartUpload", "UploadPart")
-    assert st.materialize_dataset(str(tiny_dataset), store) == ref
+    assert materialize_dataset(str(tiny_dataset), store) == ref
     assert uploads == {"PutObject": 0, "CreateMultipartUpload": 0, "UploadPart": 0}
 
 
 def test_materialize_s3_dataset_downloads_identical_copy(store: Store, tiny_dataset: Path) -> None:
-    ref = st.materialize_dataset(str(tiny_dataset), store)
-    remote = st.materialize_dataset(ref.uri, store)
+    ref = materialize_dataset(str(tiny_dataset), store)
+    remote = materialize_dataset(ref.uri, store)
     assert remote.root.is_relative_to(st.work_dir())
     assert (remote.name, remote.version, remote.uri) == (ref.name, ref.version, ref.uri)
     assert dataset_files(remote.root) == dataset_files(tiny_dataset)
     for rel in dataset_files(tiny_dataset):
         assert sha256(remote.root / rel) == sha256(tiny_dataset / rel)
     downloads = count_calls(store, "GetObject")
-    assert st.materialize_dataset(ref.uri, store) == remote  # cached: only the marker is read
+    assert materialize_dataset(ref.uri, store) == remote  # cached: only the marker is read
     assert downloads == {"GetObject": 1}
 
 
@@ -326,12 +329,12 @@ def test_materialize_unpublished_s3_prefix(store: Store, tiny_dataset: Path, tmp
     copy = shutil.copytree(tiny_dataset, tmp_path / "pets")
     store.upload_dir(copy, "incoming/pets")
     uri = f"s3://{store.bucket}/incoming/pets/"
-    ref = st.materialize_dataset(uri, store)
+    ref = materialize_dataset(uri, store)
     assert (ref.name, ref.version) == ("pets", content_hash(tiny_dataset))
     assert sha256(ref.root / "defects.json") == sha256(tiny_dataset / "defects.json")
     # the prefix changes (a file removed): the listing differs, the local copy follows it
     store.delete_keys(["incoming/pets/defects.json"])
-    again = st.materialize_dataset(uri, store)
+    again = materialize_dataset(uri, store)
     assert again.root == ref.root and not (again.root / "defects.json").exists()
     assert (again.root / "labels" / "train").is_dir()
 
@@ -345,16 +348,16 @@ def test_materialize_refuses_bad_uris(store: Store, tmp_path: Path) -> None:
         (str(tmp_path / "missing"), "does not exist"),
     ]:
         with pytest.raises(InputError, match=problem) as err:
-            st.materialize_dataset(uri, store)
+            materialize_dataset(uri, store)
         assert uri in str(err.value)
 
 
 def test_update_manifest_merges(store: Store, monkeypatch) -> None:
     monkeypatch.setenv("SEGPIPE_GIT_SHA", "abc123")
-    first = st.update_manifest(store, "r5", params={"max_epochs": 2}, dataset={"version": "v1"})
+    first = update_manifest(store, "r5", params={"max_epochs": 2}, dataset={"version": "v1"})
     assert first["git_sha"] == "abc123" and first["run_id"] == "r5"
     assert first["packages"]["boto3"] and "torch" in first["packages"]
-    second = st.update_manifest(store, "r5", params={"gate": 0.75}, ended_at="2026-11-25T12:00:00+00:00")
+    second = update_manifest(store, "r5", params={"gate": 0.75}, ended_at="2026-11-25T12:00:00+00:00")
     assert second["params"] == {"max_epochs": 2, "gate": 0.75}
     assert second["started_at"] == first["started_at"] and second["dataset"] == {"version": "v1"}
     assert store.get_json(st.manifest_key("r5")) == second

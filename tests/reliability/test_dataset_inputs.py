@@ -16,7 +16,8 @@ import pytest
 
 from tasks import cli
 from tasks.dataset import content_hash, dataset_files, list_pairs
-from tasks.store import MARKER, Store, manifest_key, materialize_dataset, stage_prefix, work_dir
+from tasks.materialize import materialize_dataset
+from tasks.store import MARKER, Store, manifest_key, stage_prefix, work_dir
 
 LATEST = "datasets/pets/latest"
 
