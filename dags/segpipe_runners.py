@@ -413,7 +413,10 @@ def stage_operator(
         command=command,
         image=image,
         container_name=CONTAINER_NAME,
-        auto_remove="success",  # a failed container stays for `docker logs`; its name is per try
+        # Removed when it exits, whatever the outcome (its output is in the task log): what the
+        # provider's "success" does too (apache-airflow-providers-docker 4.6.1 removes in a `finally`),
+        # "force" says so and also removes it when Airflow kills the task. Names are per try anyway.
+        auto_remove="force",
         mount_tmp_dir=False,
         network_mode=settings.docker_network,
         device_requests=(device_requests or [gpu_request()]) if gpu and settings.docker_gpus else None,

@@ -23,8 +23,14 @@ export AIRFLOW__API__BASE_URL=http://127.0.0.1:${AIRFLOW__API__PORT}
 # Else task workers look for the execution API on localhost:8080 whatever the port.
 export AIRFLOW__CORE__EXECUTION_API_SERVER_URL=http://127.0.0.1:${AIRFLOW__API__PORT}/execution/
 export SEGPIPE_RUNNER=${SEGPIPE_RUNNER:-local}
-# What a run without conf (and the dataset Asset) uses: the dataset `make demo` generates.
-export SEGPIPE_DEFAULT_DATASET=${SEGPIPE_DEFAULT_DATASET:-$_segpipe_root/.work/demo-dataset}
+# What a run without conf (and the dataset Asset) uses: the dataset `make demo` generates (the docker
+# runner takes s3:// locations only: where `SEGPIPE_RUNNER=docker make demo` uploads it).
+if [[ $SEGPIPE_RUNNER == docker ]]; then
+    _segpipe_demo_dataset=s3://${SEGPIPE_BUCKET:-segmentation}/datasets/demo
+else
+    _segpipe_demo_dataset=$_segpipe_root/.work/demo-dataset
+fi
+export SEGPIPE_DEFAULT_DATASET=${SEGPIPE_DEFAULT_DATASET:-$_segpipe_demo_dataset}
 export SEGPIPE_DEFAULT_PROFILE=${SEGPIPE_DEFAULT_PROFILE:-cpu}
 # No weekly cron on a workstation (unpausing would start last week's run at once): manual runs and
 # dataset-asset events only. Set SEGPIPE_SCHEDULE to a cron expression to have it.

@@ -7,9 +7,11 @@
 # Settings:
 #   SEGPIPE_TRAINER_IMAGE / SEGPIPE_RELABEL_IMAGE  tags (default: dags/segpipe_runners.py's)
 #   MMCV_FLAVOUR=lite|ops    mmcv without / with its compiled CUDA ops (images/trainer/Dockerfile)
+#   SEGPIPE_DOCKER_NO_CACHE=1  build every layer again (a cold build; bench/docker_runner.py)
 #   SEGPIPE_PIP_MIRROR=auto|off  auto: where this host's pip reads packages from local folders
-#                            (`pip config list`: file:// indexes, find-links), serve them on 127.0.0.1
-#                            during the build, so GBs of wheels already on disk are not downloaded.
+#                            (`pip config list`: file:// indexes, find-links), serve them on
+#                            127.0.0.1:$SEGPIPE_PIP_MIRROR_PORT (default 3141) during the build, so GBs
+#                            of wheels already on disk are not downloaded.
 #                            Elsewhere (off, or no such folders) the build reads PyPI.
 # The layers stay in the engine's data root (outside the clone): an unchanged image rebuilds nothing.
 set -euo pipefail
@@ -26,6 +28,9 @@ mkdir -p "$STATE"
 log() { echo "build_images: $*" >&2; }
 
 bash infra/docker_engine.sh start >&2
+# One build at a time on this machine (several clones share the engine and the mirror's port).
+exec 9>"${TMPDIR:-/tmp}/segpipe-build-images.lock"
+flock 9
 BASE=$(bash infra/docker_base.sh)
 
 # BuildKit builds only the stages the flavour needs. Docker >= 23 clients need the buildx plugin for
@@ -73,7 +78,12 @@ for n, path in enumerate(indexes + links):
 EOF
   )
   if [ ${#urls[@]} -gt 0 ]; then
-    port=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    # A fixed port: the URLs are build args, part of each layer's cache key (a new port, a rebuild).
+    port=${SEGPIPE_PIP_MIRROR_PORT:-3141}
+    if ! "$PY" -c "import socket; socket.socket().bind(('127.0.0.1', $port))" 2>/dev/null; then
+      echo "build_images: port $port is taken (SEGPIPE_PIP_MIRROR_PORT): the mirror cannot start" >&2
+      exit 1
+    fi
     "$PY" -m http.server --bind 127.0.0.1 --directory "$WEB" "$port" >"$STATE/pip-mirror.log" 2>&1 &
     mirror_pid=$!
     for _ in $(seq 1 50); do
@@ -97,13 +107,15 @@ fi
 
 # ---------------------------------------------------------------- the images
 sha=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+CACHE_ARGS=()
+[ "${SEGPIPE_DOCKER_NO_CACHE:-0}" != 1 ] || CACHE_ARGS=(--no-cache)
 build() {
   local tag=$1 dockerfile=$2
   shift 2
   log "building $tag ($dockerfile)"
   local started=$SECONDS
   nice -n 10 "${DOCKER[@]}" build --network host --progress plain -f "$dockerfile" -t "$tag" \
-    --build-arg "SEGPIPE_GIT_SHA=$sha" "$@" . >"$STATE/build-${tag//[:\/]/_}.log" 2>&1 || {
+    --build-arg "SEGPIPE_GIT_SHA=$sha" "${CACHE_ARGS[@]}" "$@" . >"$STATE/build-${tag//[:\/]/_}.log" 2>&1 || {
     log "building $tag failed; last lines of $STATE/build-${tag//[:\/]/_}.log:"
     tail -n 40 "$STATE/build-${tag//[:\/]/_}.log" >&2
     exit 1

@@ -5,7 +5,10 @@
 # tree; leaves winner.json, report.md, the task log and a copy of the bucket in demo-output/.
 #
 # Settings: DEMO_EXPERIMENTS (JSON list, default all four), DEMO_MAX_EPOCHS (default: the CPU profile's),
-# SEGPIPE_S3_PORT (default: a free port).
+# SEGPIPE_S3_PORT (default: a free port), SEGPIPE_RUNNER (default local; docker: every stage a container
+# of the images infra/build_images.sh builds, on the engine infra/docker_engine.sh starts if none
+# answers, reaching the S3 server through the host network; the dataset is uploaded to the bucket,
+# since a container sees no host path; SEGPIPE_GPU_IDS defaults to none, a host without GPUs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -40,7 +43,7 @@ EOF
 # Everything the stages cache or write locally stays under .work/ and offline.
 export SEGPIPE_WORK_DIR=$WORK/demo-cache CLEARML_OFFLINE_MODE=1 CLEARML_CACHE_DIR=$WORK/demo-cache/clearml
 export YOLO_OFFLINE=1 YOLO_CONFIG_DIR=$WORK/demo-cache/yolo MPLCONFIGDIR=$WORK/demo-cache/mpl
-export TORCH_HOME=$WORK/demo-cache/torch SEGPIPE_RUNNER=local
+export TORCH_HOME=$WORK/demo-cache/torch SEGPIPE_RUNNER=${SEGPIPE_RUNNER:-local}
 # `airflow dags test` runs one stage at a time, so a training may use every core (the stages keep
 # one core free otherwise: tasks.train.configure_torch_threads); measured 15% faster per iteration.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
@@ -48,8 +51,18 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 echo "== generating the demo dataset in $DATASET (seed 0: same code, same content, same version)"
 rm -rf "$DATASET"
 "$PY" -m tasks synth --out "$DATASET"
+LOCATION=$DATASET
+if [ "$SEGPIPE_RUNNER" = docker ]; then
+  echo "== docker runner: engine, images (built once, then from the layer cache)"
+  eval "$(bash infra/build_images.sh)"
+  export SEGPIPE_TRAINER_IMAGE SEGPIPE_RELABEL_IMAGE
+  export SEGPIPE_DOCKER_NETWORK=${SEGPIPE_DOCKER_NETWORK:-host} SEGPIPE_GPU_IDS=${SEGPIPE_GPU_IDS:-none}
+  LOCATION=s3://$BUCKET/datasets/demo
+  "$PY" -c 'import sys; from tasks.store import Store; Store.from_env().upload_dir(sys.argv[1], sys.argv[2])' \
+    "$DATASET" datasets/demo
+fi
 
-CONF=$("$PY" - "$DATASET" "${DEMO_EXPERIMENTS:-}" "${DEMO_MAX_EPOCHS:-}" <<'EOF'
+CONF=$("$PY" - "$LOCATION" "${DEMO_EXPERIMENTS:-}" "${DEMO_MAX_EPOCHS:-}" <<'EOF'
 import json
 import sys
 
@@ -70,7 +83,7 @@ EOF
 echo "== airflow dags test segmentation_pipeline -c '$CONF'  (task log: demo-output/dags-test.log)"
 set +e
 bash infra/airflow_local.sh dags test segmentation_pipeline -c "$CONF" 2>&1 | tee "$OUT/dags-test.log" \
-    | grep --line-buffered -E "DAG TEST\] end task|running: |Task failed|DagRun Finished|error:|quality gate"
+    | grep --line-buffered -E "DAG TEST\] end task|running: |Starting docker container|Task failed|DagRun Finished|error:|quality gate"
 rc=${PIPESTATUS[0]}
 set -e
 

@@ -8,17 +8,25 @@
 # Where an engine already answers (Docker Desktop, a system dockerd, DOCKER_HOST), `start` uses it and
 # changes nothing. Elsewhere (this workplace's machines start without one) it installs Debian's
 # docker.io when missing (infra/system_deps.sh) and starts `dockerd` as root:
-#   - pid file and exec root under .work/docker/ (per clone: `stop` stops only what this clone started);
+#   - pid file, log and exec root under .work/docker/ (per clone: `stop` stops only what this clone
+#     started); the exec root holds containerd's unix sockets, whose paths may not exceed 104 bytes, so
+#     where .work/docker/exec is longer than 60 it is /run/segpipe-docker-<hash of the state dir>;
 #   - data root (images, layer cache) OUTSIDE the clone, SEGPIPE_DOCKER_DATA_ROOT (default
 #     ~/.cache/segpipe/docker): a fresh clone on the same machine finds its images already built;
 #   - socket: DOCKER_HOST's unix socket, default /var/run/docker.sock (docker's standard, so every
-#     client and the DockerOperator's default docker_url find it).
+#     client and the DockerOperator's default docker_url find it);
+#   - SEGPIPE_DOCKERD_ARGS: more dockerd options (e.g. "--bridge=none --iptables=false" for an engine
+#     whose containers use the host network only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 STATE=${SEGPIPE_DOCKER_STATE:-$ROOT/.work/docker}
 DATA_ROOT=${SEGPIPE_DOCKER_DATA_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/segpipe/docker}
 PIDFILE=$STATE/dockerd.pid
+EXEC_ROOT=$STATE/exec
+if [ ${#EXEC_ROOT} -gt 60 ]; then
+  EXEC_ROOT=/run/segpipe-docker-$(printf %s "$STATE" | sha256sum | cut -c1-12)
+fi
 LOG=$STATE/dockerd.log
 HOST_URL=${DOCKER_HOST:-unix:///var/run/docker.sock}
 
@@ -46,17 +54,20 @@ start() {
     echo "docker_engine: no engine answers at $HOST_URL and starting dockerd needs root" >&2
     exit 1
   fi
-  mkdir -p "$STATE/exec" "$DATA_ROOT"
-  echo "docker_engine: starting dockerd (data root $DATA_ROOT, log $LOG)" >&2
+  mkdir -p "$STATE" "$EXEC_ROOT" "$DATA_ROOT"
+  echo "docker_engine: starting dockerd (data root $DATA_ROOT, exec root $EXEC_ROOT, log $LOG)" >&2
   # setsid: the engine outlives the shell that started it (make test, make demo) until `stop`.
-  setsid dockerd --data-root "$DATA_ROOT" --exec-root "$STATE/exec" --pidfile "$PIDFILE" \
-    -H "$HOST_URL" >>"$LOG" 2>&1 </dev/null &
+  # shellcheck disable=SC2086 # SEGPIPE_DOCKERD_ARGS: options, split on spaces
+  setsid dockerd --data-root "$DATA_ROOT" --exec-root "$EXEC_ROOT" --pidfile "$PIDFILE" \
+    -H "$HOST_URL" ${SEGPIPE_DOCKERD_ARGS:-} >>"$LOG" 2>&1 </dev/null &
+  started=$!
   for _ in $(seq 1 120); do
     answers && { echo "docker_engine: up ($(docker info --format '{{.ServerVersion}}'))" >&2; return 0; }
     sleep 0.5
   done
   echo "docker_engine: dockerd did not answer within 60 s; last lines of $LOG:" >&2
   tail -n 20 "$LOG" >&2
+  kill -TERM "$started" 2>/dev/null || true  # nothing half-started is left running
   exit 1
 }
 
@@ -67,10 +78,10 @@ stop() {
     rm -f "$PIDFILE"
     return 0
   fi
-  # Running containers first (dockerd would stop them too, with its own 15 s grace each).
+  # SIGTERM: dockerd stops its containers (each with its own grace period), then itself.
   kill -TERM "$pid"
   for _ in $(seq 1 120); do
-    kill -0 "$pid" 2>/dev/null || { echo "docker_engine: stopped" >&2; return 0; }
+    kill -0 "$pid" 2>/dev/null || { echo "docker_engine: stopped" >&2; rm -f "$PIDFILE"; return 0; }
     sleep 0.5
   done
   echo "docker_engine: dockerd $pid still running after 60 s" >&2

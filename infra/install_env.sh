@@ -12,7 +12,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-.venv}
 shift || true
-PARTS=" ${*:-tools torch tasks airflow dev mmcv sam2 project check} "
+ALL_PARTS=" tools torch tasks airflow dev mmcv sam2 project check "
+PARTS=" ${*:-$ALL_PARTS} "
+for part in $PARTS; do
+  [[ $ALL_PARTS == *" $part "* ]] || { echo "install_env.sh: unknown part '$part' (parts:$ALL_PARTS)" >&2; exit 2; }
+done
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 want() { [[ $PARTS == *" $1 "* ]]; }
@@ -37,7 +41,7 @@ done
 # (what mmcv's setup.py itself produces with MMCV_WITH_OPS=0): neither study model calls an mmcv op,
 # and tasks/mmcompat.py makes mmseg's four unguarded `mmcv.ops` imports resolve to ops that raise a
 # clear error if ever called.
-MMCV_VERSION=$(sed -n 's/^mmcv==//p' requirements/mmcv.txt)
+want mmcv && MMCV_VERSION=$(sed -n 's/^mmcv==//p' requirements/mmcv.txt)
 if want mmcv && [ "${MMCV_OPS:-0}" = 1 ]; then
   # mmcv 2.1.0's setup.py asks for -std=c++17, torch 2.14's headers need C++20 ("C++20 or later
   # compatible compiler is required to use ATen"): patched in the unpacked source before the build.

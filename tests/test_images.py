@@ -105,14 +105,14 @@ LOCK = pins(REQ / "constraints.txt")
 
 INSTALL_ENV = ROOT / "infra" / "install_env.sh"
 # The script's parts in install order: its default (everything, the local environment).
-INSTALL_PARTS = re.search(r'PARTS=" \$\{\*:-([a-z0-9 ]+)\} "', INSTALL_ENV.read_text()).group(1).split()
+INSTALL_PARTS = re.search(r'ALL_PARTS=" ([a-z0-9 ]+) "', INSTALL_ENV.read_text()).group(1).split()
 
 
 def test_parser_reads_stages_and_continuations() -> None:
     """The parser the other tests stand on: stages, names, joined continuation lines."""
     trainer = dockerfile("trainer")
     assert [s.name for s in trainer.stages] == [
-        "python", "build", "wheels-lite", "wheels-ops", "wheels", "venv", "trainer",
+        "python", "torch-pins", "build", "wheels-lite", "wheels-ops", "wheels", "venv", "trainer",
     ]  # fmt: skip
     assert trainer.global_args == {"BASE_IMAGE": "debian:bookworm-slim", "MMCV_FLAVOUR": "lite"}
     assert any(
@@ -158,6 +158,24 @@ def test_trainer_installs_with_install_env_in_its_order() -> None:
     assert pins(REQ / "torch.txt") == {"torch": LOCK["torch"], "torchvision": LOCK["torchvision"]}
 
 
+def test_torch_layer_depends_on_torch_pins_only() -> None:
+    """The torch layer is built from torch.txt, install_env.sh and the lock's pins of torch's closure
+    (images/trainer/torch-closure.sh); the whole lock comes after it, for the task side."""
+    build = dockerfile("trainer").stage("build")
+    order = [(inst, args) for inst, args in build.instructions if inst in ("COPY", "RUN")]
+    torch_at = order.index(("RUN", "infra/install_env.sh /opt/venv tools torch"))
+    assert order[:torch_at] == [
+        ("COPY", "infra/install_env.sh infra/install_env.sh"),
+        ("COPY", "requirements/torch.txt requirements/torch.txt"),
+        ("COPY", "--from=torch-pins /pins/torch-constraints.txt requirements/constraints.txt"),
+    ]
+    assert order[torch_at + 1] == ("COPY", "requirements/ requirements/")
+    closure = (ROOT / "images/trainer/torch-closure.sh").read_text()
+    assert '-r "$req/torch.txt" -c "$req/constraints.txt"' in closure and "--dry-run" in closure
+    pins_stage = dockerfile("trainer").stage("torch-pins")
+    assert "torch-closure.sh /pins/requirements /pins/torch-constraints.txt" in pins_stage.run_text()
+
+
 def test_trainer_is_debian_bookworm_with_the_locks_python() -> None:
     """Debian bookworm's python3.11 (the lock's Python); torch's CUDA wheels bring the CUDA runtime."""
     trainer = dockerfile("trainer")
@@ -181,7 +199,11 @@ def test_no_toolchain_outside_the_ops_stage() -> None:
     )
     # The runtime takes the venv (built without compilers) and nothing from the ops stage itself.
     copies = [c for s in trainer.stages for c in s.args("COPY") if "--from=" in c]
-    assert copies == ["--from=wheels /wheels /wheels", "--from=venv /opt/venv /opt/venv"]
+    assert copies == [
+        "--from=torch-pins /pins/torch-constraints.txt requirements/constraints.txt",
+        "--from=wheels /wheels /wheels",
+        "--from=venv /opt/venv /opt/venv",
+    ]
 
 
 def test_trainer_ops_flavour_builds_mmcv_and_sam2_with_cuda() -> None:
