@@ -1,7 +1,8 @@
 """The scale-out topology on one machine: Airflow with the CeleryExecutor and a GPU host of its own.
 
     infra/scaleout.sh start     # prints the UI's address and how to log in
-    infra/scaleout.sh env       # `export ...` lines for the S3 server (publish a dataset first)
+    infra/scaleout.sh publish DIR   # a local dataset to the bucket: prints its s3:// location
+    infra/scaleout.sh env       # `export ...` lines pointing tasks.store at the S3 server
     infra/scaleout.sh stop      # no process, namespace or veth is left behind
 
 What runs (data and logs under .work/scaleout/, or --state-dir):
@@ -380,6 +381,16 @@ def s3_env(state: State) -> dict[str, str]:
     return s3_server.client_env(state.ports["s3"], BUCKET, host=state.main_address)
 
 
+def publish_dataset(state: State, local_dir: Path) -> str:
+    """Validate a local dataset and publish it to the topology's bucket; its s3:// location."""
+    os.environ.update(s3_env(state))
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tasks import store
+
+    return store.materialize_dataset(str(local_dir)).uri
+
+
 # ---------------------------------------------------------------- Airflow
 
 
@@ -724,7 +735,8 @@ def leftovers(state: State) -> list[str]:
 
 def _main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["start", "stop", "env"])
+    parser.add_argument("action", choices=["start", "stop", "env", "publish"])
+    parser.add_argument("dataset", nargs="?", type=Path, help="publish: a local dataset directory")
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     parser.add_argument("--net", type=int, default=0, help="the GPU host's network: 10.213.NET.0/24")
     parser.add_argument("--gpu-slots", type=int, default=2, help="slots of the `gpu` pool")
@@ -744,11 +756,17 @@ def _main() -> int:
             print(f"scaleout: still there: {item}", file=sys.stderr)
         print(f"scaleout: stopped (data and logs kept in {state_dir})")
         return 1 if left else 0
-    if args.action == "env":
+    if args.action in ("env", "publish"):
         state = State.load(state_dir)
         if state is None or not state.pids:
             print(f"scaleout: no topology running in {state_dir}", file=sys.stderr)
             return 2
+        if args.action == "publish":
+            if args.dataset is None:
+                print("scaleout: publish needs a dataset directory", file=sys.stderr)
+                return 2
+            print(publish_dataset(state, args.dataset))
+            return 0
         for key, value in s3_env(state).items():
             print(f"export {key}={shlex.quote(value)}")
         return 0

@@ -4,6 +4,7 @@
 # namespace. Needs root (network namespaces) and the venv (make setup).
 #
 #   infra/scaleout.sh start    # prints the UI's address; options: --gpu-slots N, --net N, --state-dir DIR
+#   infra/scaleout.sh publish DIR   # validates a local dataset, uploads it, prints its s3:// location
 #   infra/scaleout.sh env      # export lines pointing tasks.store at its S3 server
 #   infra/scaleout.sh stop     # no process, namespace or veth left behind
 set -euo pipefail
