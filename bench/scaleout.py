@@ -79,11 +79,7 @@ def training_wall(tis: list[dict]) -> float:
 def celery_runs(dataset: Path, conf: dict) -> tuple[dict[str, list[dict]], dict[str, set[str]]]:
     state = scaleout.start(ROOT / ".work" / "scaleout-bench", net=250, gpu_slots=2)
     try:
-        for key, value in scaleout.s3_env(state).items():
-            os.environ[key] = value
-        from tasks import store
-
-        uri = store.materialize_dataset(str(dataset)).uri
+        uri = scaleout.publish_dataset(state, dataset)
         api = scaleout.Api(state)
         api.wait_for_dag()
         ups = upstreams(api)

@@ -54,6 +54,15 @@ GPU_QUEUE = "gpu"  # dags/segpipe_runners.GPU_POOL: the queue and the pool of GP
 DEFAULT_QUEUE = "default"  # Airflow's [operators] default_queue
 DB_NAME = DB_USER = "airflow"
 ADMIN = "admin"  # the simple auth manager's user
+# Passed on to every Airflow process: SEGPIPE_RUNNER=docker runs the stages in containers of the
+# engine DOCKER_HOST names (default its unix socket, which the GPU host's namespace sees too).
+RUNNER_SETTINGS = (
+    "SEGPIPE_DOCKER_NETWORK",
+    "SEGPIPE_GPU_IDS",
+    "SEGPIPE_TRAINER_IMAGE",
+    "SEGPIPE_RELABEL_IMAGE",
+    "DOCKER_HOST",
+)
 SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer", "worker-main")
 
 
@@ -386,9 +395,9 @@ def publish_dataset(state: State, local_dir: Path) -> str:
     os.environ.update(s3_env(state))
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from tasks import store
+    from tasks.materialize import materialize_dataset
 
-    return store.materialize_dataset(str(local_dir)).uri
+    return materialize_dataset(str(local_dir)).uri
 
 
 # ---------------------------------------------------------------- Airflow
@@ -433,6 +442,8 @@ def airflow_env(state: State, host: str) -> dict[str, str]:
         "SEGPIPE_S3_SECRET_KEY": s3["AWS_SECRET_ACCESS_KEY"],
         "SEGPIPE_S3_ENDPOINT_URL": state.s3_url,
         "SEGPIPE_GPU_POOL_SLOTS": str(state.gpu_slots),
+        # The runner's settings as the caller gives them (README "Runner settings"); default local.
+        **{k: v for k, v in os.environ.items() if k in RUNNER_SETTINGS},
         "SEGPIPE_RUNNER": os.environ.get("SEGPIPE_RUNNER") or "local",
         "SEGPIPE_BUCKET": BUCKET,
         "SEGPIPE_SCHEDULE": "off",

@@ -7,6 +7,7 @@ undisturbed one's. One topology for the module: starting it costs about a minute
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -120,29 +121,40 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def topology(tiny_dataset: Path) -> Iterator[Topology]:
+@contextlib.contextmanager
+def open_topology(name: str, dataset: Path, **settings: str) -> Iterator[Topology]:
+    """A topology with these runner settings, the tiny dataset published to its bucket; stopped after."""
     # Under the checkout's .work/ (pytest's tmp dirs are private to root: the postgres user needs in).
-    state_dir = ROOT / ".work" / f"scaleout-test-{os.getpid()}"
-    state = scaleout.start(state_dir, net=100 + os.getpid() % 100, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
+    state_dir = ROOT / ".work" / f"{name}-{os.getpid()}"
     mp = pytest.MonkeyPatch()
+    state = None
     try:
+        for key, value in settings.items():  # scaleout.start hands them to every Airflow process
+            mp.setenv(key, value)
+        net = (100 if name == "scaleout-test" else 150) + os.getpid() % 50
+        state = scaleout.start(state_dir, net=net, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
         for key, value in scaleout.s3_env(state).items():
             mp.setenv(key, value)
         mp.setenv("SEGPIPE_WORK_DIR", str(state_dir / "test-client"))
         bucket = store.Store.from_env()
         # Every write keeps a version: a key written twice shows up (nothing published twice).
-        bucket.client.put_bucket_versioning(
-            Bucket=bucket.bucket, VersioningConfiguration={"Status": "Enabled"}
-        )
-        dataset = store.materialize_dataset(str(tiny_dataset), bucket).uri
+        versioning = {"Status": "Enabled"}
+        bucket.client.put_bucket_versioning(Bucket=bucket.bucket, VersioningConfiguration=versioning)
+        uri = scaleout.publish_dataset(state, dataset)
         api = scaleout.Api(state)
         api.wait_for_dag()
-        yield Topology(state, api, bucket, dataset)
+        yield Topology(state, api, bucket, uri)
     finally:
         mp.undo()
-        scaleout.stop(state)
+        if state is not None:
+            scaleout.stop(state)
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def topology(tiny_dataset: Path) -> Iterator[Topology]:
+    with open_topology("scaleout-test", tiny_dataset, SEGPIPE_RUNNER="local") as topology:
+        yield topology
 
 
 @pytest.fixture(scope="module")
