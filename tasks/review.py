@@ -199,6 +199,10 @@ def prepare_samples(store: st.Store, run_id: str, dataset_uri: str | None = None
 def export_bad_masks(store: st.Store, run_id: str) -> tuple[str, list[str]]:
     """The samples tagged bad_mask -> runs/<id>/review/bad_mask_paths.json; (its s3 URI, the list)."""
     tagged = run_app("export", dataset_name(run_id), "--tag", BAD_MASK_TAG)
+    if tagged is None:
+        raise InputError(
+            f"no review dataset for run {run_id}: run `python -m tasks review --run-id {run_id}` first"
+        )
     bad = sorted(key for key in tagged if key.startswith("labels/train/"))
     key = st.review_key(run_id)
     store.put_json(key, bad)

@@ -77,10 +77,12 @@ def serve(name: str, port: int) -> None:
         session.wait(-1)
 
 
-def export(name: str, tag: str) -> list[str]:
-    """The mask keys (labels/train/<stem>.png) of the samples tagged `tag`, sorted."""
+def export(name: str, tag: str) -> list[str] | None:
+    """The mask keys (labels/train/<stem>.png) of the samples tagged `tag`, sorted (None: no dataset)."""
     import fiftyone as fo
 
+    if not fo.dataset_exists(name):
+        return None
     dataset = fo.load_dataset(name)
     return sorted(dataset.match_tags(tag).values("mask_key"))
 

@@ -142,6 +142,16 @@ def test_review_tags_become_the_next_runs_bad_mask_list(
     bucket = store(finished_run.env)
     exported = bucket.get_json(review_key(finished_run.run_id))
     assert exported == sorted(chosen)
+    # Reviewing the run again rebuilds the dataset and keeps the person's tags (--no-serve: no App).
+    again = subprocess.run(
+        [sys.executable, "-m", "tasks", "review", "--run-id", finished_run.run_id, "--no-serve"],
+        env=subprocess_env(**finished_run.env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1])["masks"] == sorted(chosen)
 
     # The next run takes the exported list (the DAG's bad_masks param): relabel repairs exactly those.
     next_run = "after-review"
@@ -175,13 +185,22 @@ def test_review_tags_become_the_next_runs_bad_mask_list(
 
 
 @pytest.mark.slow
-def test_review_refuses_a_run_without_a_dataset(run_env: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--no-serve"], "runs/never-ran/manifest.json"),  # no such run: nothing to review
+        (["--export"], "no review dataset for run never-ran"),  # nothing reviewed yet
+    ],
+)
+def test_review_of_a_run_that_never_ran_exits_2(
+    run_env: dict[str, str], args: list[str], message: str
+) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "tasks", "review", "--run-id", "never-ran", "--no-serve"],
+        [sys.executable, "-m", "tasks", "review", "--run-id", "never-ran", *args],
         env=run_env,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert result.returncode == 2
-    assert "runs/never-ran/manifest.json" in result.stderr
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
