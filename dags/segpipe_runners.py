@@ -30,14 +30,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import boto3
 from airflow.configuration import conf
 from airflow.providers.docker.exceptions import DockerContainerFailedException
 from airflow.providers.docker.operators.docker import DockerOperator
 from airflow.sdk import BaseHook, BaseOperator, Variable
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowNotFoundException
-from botocore.config import Config
-from botocore.exceptions import ClientError
 from docker.types import DeviceRequest
 
 from tasks import experiments
@@ -458,6 +455,10 @@ class RunObjects:
     """Read-only view of one run's objects, runs/<key-safe run id>/, with the stages' S3 settings."""
 
     def __init__(self, airflow_run_id: str):
+        # boto3 when a run's objects are read (a task, a page), not when the DAG file is parsed.
+        import boto3
+        from botocore.config import Config
+
         env = stage_environment()
         self.bucket = env["SEGPIPE_BUCKET"]
         self.prefix = f"runs/{safe_run_id(airflow_run_id)}/"
@@ -482,6 +483,8 @@ class RunObjects:
 
     def open(self, key: str) -> dict[str, Any] | None:
         """boto3's get_object answer (Body, ContentLength, ...), None if there is no such object."""
+        from botocore.exceptions import ClientError
+
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)
         except ClientError as err:

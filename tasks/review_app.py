@@ -43,9 +43,10 @@ def build(samples_json: Path) -> dict[str, Any]:
     # The App opens with the original masks drawn, in the EDA's overlay colours (samples.json).
     dataset.app_config.active_fields = ActiveFields(paths=["ground_truth"])
     dataset.app_config.color_scheme = fo.ColorScheme(
+        color_by="value",
         default_mask_targets_colors=[
             {"intTarget": int(value), "color": colour} for value, colour in doc["mask_colours"].items()
-        ]
+        ],
     )
     samples = []
     for item in doc["samples"]:

@@ -120,8 +120,10 @@ def test_report_tab_shows_the_table_the_pictures_and_every_artifact(
         assert artifacts.count() > 20
         print(f"report tab rendered in {time.monotonic() - started:.1f}s")
         page.screenshot(path=screenshot_path("report_view.png", tmp_path))
-        section = frame.locator(".run-section", has_text=f"Experiment {EXPERIMENT}")
-        section.screenshot(path=screenshot_path("report_view_pictures.png", tmp_path))
+        # The same tab scrolled to the experiment's curves and pictures.
+        frame.locator(".run-section", has_text=f"Experiment {EXPERIMENT}").evaluate("s => s.scrollIntoView()")
+        page.wait_for_timeout(500)
+        page.locator("iframe").screenshot(path=screenshot_path("report_view_pictures.png", tmp_path))
 
     # Every listed artifact has a working link, and the listing is the whole run prefix.
     status, body = get(report_url(ui, finished_run), ui.token)
