@@ -153,7 +153,8 @@ def prepare_samples(store: st.Store, run_id: str, dataset_uri: str | None = None
 
     st.check_run_id(run_id)
     work = st.work_dir() / "review" / run_id
-    dataset = materialize_dataset(dataset_uri or recorded_dataset_uri(store, run_id), store)
+    # run_id: the version validate pinned for this run, whatever the location holds now
+    dataset = materialize_dataset(dataset_uri or recorded_dataset_uri(store, run_id), store, run_id=run_id)
     scores, threshold = _eda_scores(store, run_id, work)
     relabeled = _relabeled(store, run_id, work)
     winner = winner_experiment(store, run_id)
