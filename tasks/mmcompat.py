@@ -42,8 +42,8 @@ def _missing_op(name: str) -> type:
     def _refuse(*_args, **_kwargs):
         raise MissingMmcvOpError(
             f"mmcv.ops.{name} needs mmcv built with its compiled ops; this environment has mmcv-lite "
-            "(infra/install_env.sh). Run this model in the trainer image (images/trainer), which "
-            "builds mmcv with MMCV_WITH_OPS=1."
+            "(infra/install_env.sh). Run this model in the trainer image built with its compiled "
+            "ops: MMCV_FLAVOUR=ops bash infra/build_images.sh (images/trainer/Dockerfile)."
         )
 
     # A class, not a function: mmseg both calls ops and subclasses op modules.
