@@ -85,7 +85,8 @@ def celery_runs(dataset: Path, conf: dict) -> tuple[dict[str, list[dict]], dict[
         ups = upstreams(api)
         runs = {}
         for slots in (2, 1):
-            status, body = api.request("PATCH", "/api/v2/pools/gpu", {"slots": slots})
+            pool = {"pool": "gpu", "slots": slots, "include_deferred": False}
+            status, body = api.request("PATCH", "/api/v2/pools/gpu?update_mask=slots", pool)
             assert status == 200, body
             run_id = f"bench-{slots}-slots"
             api.trigger(run_id, {**conf, "dataset": uri})
@@ -99,6 +100,7 @@ def celery_runs(dataset: Path, conf: dict) -> tuple[dict[str, list[dict]], dict[
 
 
 def dags_test_run(dataset: Path, conf: dict, work: Path) -> list[dict]:
+    work.mkdir(parents=True)
     server = s3_server.start(port := s3_server.free_port(), work / "moto.log")
     try:
         s3_server.create_bucket(port, scaleout.BUCKET)

@@ -283,45 +283,42 @@ def _pg_bin(name: str) -> str:
     raise TopologyError(f"PostgreSQL's {name} not found: install postgresql (infra/system_deps.sh)")
 
 
-def _as_db_user() -> list[str]:
-    # initdb and postgres refuse to run as root.
-    return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+# initdb and postgres refuse to run as root (start needs root): they run as Debian's `postgres` user.
+DB_OS_USER = "postgres"
+AS_DB_USER = ["runuser", "-u", DB_OS_USER, "--"]
 
 
 def start_postgres(state: State) -> None:
     data, sock = state.dir / "postgres" / "data", state.dir / "postgres" / "socket"
-    owner = [] if os.geteuid() else ["postgres"]
-    if not (data / "PG_VERSION").is_file():
-        data.mkdir(parents=True, exist_ok=True)
-        sock.mkdir(parents=True, exist_ok=True)
-        pwfile = state.dir / "postgres" / "pwfile"
-        pwfile.write_text(state.secrets["postgres"] + "\n")
-        if owner:
-            for path in (data.parent, data, sock, pwfile):
-                shutil.chown(path, *owner, *owner)
-        _run(
-            [
-                *_as_db_user(),
-                _pg_bin("initdb"),
-                "-D",
-                str(data),
-                "-U",
-                DB_USER,
-                f"--pwfile={pwfile}",
-                "--auth=scram-sha-256",
-            ]
-        )
-        pwfile.unlink()
-        hba = data / "pg_hba.conf"
-        hba.write_text(
-            hba.read_text() + f"host all all {state.main_address.rsplit('.', 1)[0]}.0/24 scram-sha-256\n"
-        )
+    # A fresh cluster: start() begins from an empty state dir.
+    data.mkdir(parents=True, exist_ok=True)
+    sock.mkdir(parents=True, exist_ok=True)
+    pwfile = state.dir / "postgres" / "pwfile"
+    pwfile.write_text(state.secrets["postgres"] + "\n")
+    for path in (data.parent, data, sock, pwfile):
+        shutil.chown(path, DB_OS_USER, DB_OS_USER)
+    _run(
+        [
+            *AS_DB_USER,
+            _pg_bin("initdb"),
+            "-D",
+            str(data),
+            "-U",
+            DB_USER,
+            f"--pwfile={pwfile}",
+            "--auth=scram-sha-256",
+        ]
+    )
+    pwfile.unlink()
+    hba = data / "pg_hba.conf"
+    hba.write_text(
+        hba.read_text() + f"host all all {state.main_address.rsplit('.', 1)[0]}.0/24 scram-sha-256\n"
+    )
     options = f"-c listen_addresses={state.main_address} -p {state.ports['postgres']} -k {sock}"
     log = state.log("postgres")
     log.touch()
-    if owner:
-        shutil.chown(log, *owner, *owner)
-    _run([*_as_db_user(), _pg_bin("pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "start"])
+    shutil.chown(log, DB_OS_USER, DB_OS_USER)
+    _run([*AS_DB_USER, _pg_bin("pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "start"])
     state.pids["postgres"] = int((data / "postmaster.pid").read_text().split()[0])
     state.save()
     import psycopg2  # the venv's driver (requirements/airflow.txt)
@@ -345,7 +342,7 @@ def stop_postgres(state: State) -> None:
     data = state.dir / "postgres" / "data"
     if state.pids.pop("postgres", None) is not None and (data / "postmaster.pid").exists():
         subprocess.run(
-            [*_as_db_user(), _pg_bin("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+            [*AS_DB_USER, _pg_bin("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
             capture_output=True,
         )
     state.save()
