@@ -150,6 +150,19 @@ PARAMS = {
         title="Quality gate",
         description="The winner's test mDice (a fraction in [0, 1)) must exceed it to be promoted.",
     ),
+    "recompute": Param(
+        [],
+        type="array",
+        items={"type": "string", "enum": [runners.RECOMPUTE_ALL, *runners.RECOMPUTE_STAGES]},
+        uniqueItems=True,
+        title="Recompute",
+        description=(
+            "Stages to compute again although this run or an earlier one published outputs for the same "
+            "inputs, config and code (the cross-run cache): all, or any of "
+            + ", ".join(runners.RECOMPUTE_STAGES)
+            + "; empty: reuse what is cached."
+        ),
+    ),
     "promote": Param(
         True,
         type="boolean",

@@ -44,6 +44,10 @@ EXPERIMENTS = experiments.names()  # one per file under configs/, in the fixed o
 DEFAULT_EXPERIMENTS = experiments.default_names()
 PROFILES = ("full", "cpu")
 RELABEL_STRATEGIES = ("yolo_sam2", "morphology", "auto")
+# The DAG's `recompute` param: stages that compute again whatever the cross-run cache holds
+# (their `--recompute` flag, tasks/stage.py); "all" for every one of them.
+RECOMPUTE_STAGES = ("eda", "relabel", "train", "evaluate")
+RECOMPUTE_ALL = "all"
 RUNNERS = ("local", "docker")
 APPROVALS = ("none", "required")  # the DAG's `approval` param
 APPROVAL_REQUIRED = "required"
@@ -170,7 +174,10 @@ def build_plan(p: Mapping[str, Any], airflow_run_id: str) -> dict[str, Any]:
     run_id = safe_run_id(airflow_run_id)
     dataset = p["dataset"]
     recorded = {**p, "airflow_run_id": airflow_run_id}
+    recompute = set(p.get("recompute") or ())
+    flag = {s: ["--recompute"] if {s, RECOMPUTE_ALL} & recompute else [] for s in RECOMPUTE_STAGES}
     relabel = ["relabel", "--run-id", run_id, "--dataset", dataset, "--strategy", p["relabel_strategy"]]
+    relabel += flag["relabel"]
     if p["bad_masks"] is not None:
         relabel += ["--bad-masks", p["bad_masks"]]
     select = ["select", "--run-id", run_id, "--gate", str(p["quality_gate"])]
@@ -187,18 +194,18 @@ def build_plan(p: Mapping[str, Any], airflow_run_id: str) -> dict[str, Any]:
     for name in p["experiments"]:
         # "--experiment NAME" first: the DAG's map_index_template labels mapped tasks with item 2.
         train = ["train", "--experiment", name, "--run-id", run_id, "--dataset", dataset]
-        train += ["--profile", p["profile"]]
+        train += ["--profile", p["profile"], *flag["train"]]
         if p["max_epochs"] is not None:
             train += ["--max-epochs", str(p["max_epochs"])]
         if p.get("cfg_options"):  # last: --cfg-options takes every item after it
             train += ["--cfg-options", *(f"{key}={value}" for key, value in p["cfg_options"].items())]
         evaluate = ["evaluate", "--experiment", name, "--run-id", run_id, "--split", "test"]
-        evaluate += ["--dataset", dataset]
+        evaluate += ["--dataset", dataset, *flag["evaluate"]]
         experiments.append({"name": name, "train": train, "evaluate": evaluate, "device_requests": None})
     return {
         "run_id": run_id,
         "validate": ["validate", dataset, "--run-id", run_id, "--params-json", json.dumps(recorded)],
-        "eda": ["eda", "--run-id", run_id, "--dataset", dataset],
+        "eda": ["eda", "--run-id", run_id, "--dataset", dataset, *flag["eda"]],
         "relabel": relabel,
         "experiments": experiments,
         "select": select,

@@ -41,7 +41,6 @@ import argparse
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ from tasks import masks, store, tracking
 from tasks.dataset import CLASSES, IGNORE_INDEX, SPLITS, list_pairs, read_image, read_mask
 from tasks.errors import InputError
 from tasks.materialize import materialize_dataset
+from tasks.stage import Stage, add_recompute_argument
 
 log = logging.getLogger(__name__)
 
@@ -454,6 +454,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=TINY_AREA,
         help=f"components under this many px are tiny (default {TINY_AREA})",
     )
+    add_recompute_argument(parser)
 
 
 def check_tiny_area(tiny_area: int) -> int:
@@ -468,19 +469,19 @@ def main(args: argparse.Namespace) -> int:
     check_tiny_area(args.tiny_area)
     st = store.Store.from_env()
     ref = materialize_dataset(args.dataset, st, run_id=args.run_id)
-    prefix = store.stage_prefix(run_id, "eda")
     inputs = {"dataset_version": ref.version, "scorer": scorer_settings(args.tiny_area)}
-    if st.is_current(prefix, inputs):
-        log.info("eda of dataset %s already published at %s (cached)", ref.version, st.uri(prefix))
+    stage = Stage(st, run_id, "eda", None, inputs, key=inputs, module=__name__, recompute=args.recompute)
+    if stage.reuse() is not None:
         return 0
     out_dir = store.work_dir() / "runs" / run_id / "eda"
-    shutil.rmtree(out_dir, ignore_errors=True)  # a retry starts clean: no stale plot gets published
     info = {"name": ref.name, "version": ref.version, "uri": ref.uri}
-    params = {**inputs, "dataset": info}
-    with tracking.open_task(run_id, "eda", params=params, session_dir=out_dir / "clearml") as tracker:
+
+    def body(tracker: tracking.Tracker) -> dict:
         report = run_eda(ref.root, out_dir, args.tiny_area, dataset_info=info)
         report_to_clearml(tracker, report, out_dir)
         tracker.upload_artifact("report", out_dir / "report.json")
-    st.publish(out_dir, prefix, inputs)
+        return report
+
+    report = stage.compute(out_dir, {**inputs, "dataset": info}, body)
     log.info("eda: %d train masks flagged of %d", report["flagged"], len(report["suspicious"]))
     return 0

@@ -12,8 +12,9 @@ Outputs per split: `<split>_metrics.json`, `<split>_per_image.json` (Dice of eve
 `confusion_<split>.png` for another split. Several splits (`--split val,test`) go into one publish,
 because a publish replaces everything under the prefix.
 
-Caching: the publish records the train outputs' digest, the dataset version, splits and panel
-count; a re-run with the same inputs does nothing.
+Caching (tasks/stage.py): the key holds the train outputs' digest, the dataset version, splits, panel
+count, the rebuilt config's content and the code; an evaluation with the same key published by this
+run or an earlier one is reused (its metrics files then name this run and its checkpoint key).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,21 +37,25 @@ from tasks.dataset import split_version
 from tasks.errors import InputError
 from tasks.experiments import SUMMARY_KEYS
 from tasks.materialize import DatasetRef, materialize_dataset
+from tasks.stage import Stage, add_recompute_argument
 from tasks.store import (
     Store,
     check_run_id,
     manifest_key,
+    marker_key,
     sha256_file,
     stage_prefix,
     utc_now,
     work_dir,
 )
 from tasks.train import (
+    config_digest,
     configure_torch_threads,
     experiment_config_path,
     fetch_training_outputs,
     metrics_from_flat,
     set_data_root,
+    training_config,
 )
 
 if TYPE_CHECKING:  # mmseg-heavy: imported where used
@@ -301,8 +307,12 @@ def evaluate_experiment(
     dataset_uri: str | None = None,
     n_panels: int = DEFAULT_PANELS,
     store: Store | None = None,
+    recompute: bool = False,
 ) -> dict:
-    """Evaluate (or reuse) one experiment's best checkpoint; returns a summary of what was published."""
+    """Evaluate (or reuse) one experiment's best checkpoint; returns a summary of what was published.
+
+    recompute: evaluate even if this run or an earlier one published an evaluation with the same
+    cache key (the training's files, the dataset, splits, panels, the rebuilt config, the code)."""
     check_run_id(run_id)
     experiment_config_path(experiment)  # InputError for an unknown experiment
     if n_panels < 0:
@@ -327,18 +337,17 @@ def evaluate_experiment(
         "splits": splits,
         "panels": n_panels,
     }
-    if store.is_current(prefix, inputs):
-        log.info("cached: %s already published for these inputs", store.uri(prefix))
-        return {"status": "cached", "prefix": store.uri(prefix), **inputs}
-
-    from tasks import tracking  # clearml: only when there is something to evaluate
+    # the config evaluate rebuilds (from this repository's file) is part of what determines the outputs
+    config = training_config(train_marker["inputs"], experiment, store.uri(marker_key(train_prefix)))
+    key = {**inputs, "config": config_digest(config)}
+    stage = Stage(store, run_id, "eval", experiment, inputs, key, __name__, recompute, relocate_to(run_id))
+    if stage.reuse() is not None:
+        cached_from = {"cached_from": stage.hit["run_id"]} if stage.hit else {}
+        return {"status": "cached", "prefix": store.uri(prefix), **cached_from, **inputs}
 
     exp_dir = work_dir() / "runs" / run_id / "eval" / experiment
     trained = fetch_training_outputs(store, run_id, experiment, exp_dir / "train")  # config rebuilt
     out, scratch = exp_dir / "publish", exp_dir / "runner"
-    for folder in (out, scratch):
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
     log.info("torch uses %d threads", configure_torch_threads())
     checkpoint_key = f"{train_prefix}/{trained.checkpoint.name}"
     provenance = {
@@ -352,9 +361,9 @@ def evaluate_experiment(
         "profile": trained.val_metrics.get("profile"),
     }
     results = {}
-    with tracking.open_task(
-        run_id, "evaluate", experiment, params=inputs, session_dir=out / "clearml"
-    ) as tracker:
+
+    def body(tracker: Tracker) -> None:
+        scratch.mkdir(parents=True)
         for split in splits:
             # The version of exactly the files evaluated (images/<split>, labels/<split>): select compares
             # champion and challenger on it, so added train images (a new dataset version) keep them
@@ -370,9 +379,32 @@ def evaluate_experiment(
             tracker.upload_artifact(f"{split}_metrics", path)
             results[split] = {key: doc[key] for key in SUMMARY_KEYS}
             log.info("%s %s: %s", experiment, split, results[split])
+
+    stage.compute(out, inputs, body, scratch=[scratch])
     shutil.rmtree(scratch, ignore_errors=True)  # runner logs: the metrics JSON and ClearML hold what matters
-    store.publish(out, prefix, inputs)
     return {"status": "evaluated", "prefix": store.uri(prefix), **inputs, "metrics": results}
+
+
+def relocate_to(run_id: str) -> Callable[[str, str], Callable[[bytes], bytes] | None]:
+    """How an evaluation reused from another run names this run: its `<split>_metrics.json` record
+    the run and the checkpoint key (the same bytes, under this run's train prefix: the cache key
+    holds the training's file digests), which select checks against this run's training."""
+
+    def relocate(rel: str, source_run: str) -> Callable[[bytes], bytes] | None:
+        if not rel.endswith("_metrics.json") or "/" in rel:
+            return None
+
+        def rewrite(data: bytes) -> bytes:
+            doc = json.loads(data)
+            if doc.get("run_id") == source_run and isinstance(doc.get("checkpoint"), str):
+                experiment, name = doc["experiment"], doc["checkpoint"].rpartition("/")[2]
+                doc["checkpoint"] = f"{stage_prefix(run_id, 'train', experiment)}/{name}"
+                doc["run_id"] = run_id
+            return (json.dumps(doc, indent=2) + "\n").encode()
+
+        return rewrite
+
+    return relocate
 
 
 def report_to_clearml(tracker: Tracker, split: str, doc: dict, out: Path) -> None:
@@ -409,11 +441,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_PANELS,
         help=f"N best and N worst panels (default {DEFAULT_PANELS})",
     )
+    add_recompute_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     summary = evaluate_experiment(
-        args.experiment, args.run_id, parse_splits(args.split), args.dataset, args.panels
+        args.experiment,
+        args.run_id,
+        parse_splits(args.split),
+        args.dataset,
+        args.panels,
+        recompute=args.recompute,
     )
     print(json.dumps(summary, sort_keys=True))  # one line, last: what Airflow pushes to XCom
     return 0

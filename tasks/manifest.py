@@ -71,3 +71,17 @@ def update_manifest(store: Store, run_id: str, **fields: Any) -> dict:
     manifest["updated_at"] = utc_now()
     store.put_json(key, manifest)
     return manifest
+
+
+def record_stage(store: Store, run_id: str, stage: str, info: dict) -> None:
+    """Record under `stages.<stage>` of the manifest whether a stage's outputs came from the cache
+    (and from which run) or were computed. Stages of one run finish at the same time (parallel
+    trainings), so each write is a conditional PUT on the manifest read, retried when another won."""
+    key = manifest_key(run_id)
+    for _ in range(store.retry.attempts * 4):
+        current, etag = store.get_json_with_etag(key)
+        current = current or {"run_id": run_id, "git_sha": git_sha(), "started_at": utc_now()}
+        stages = {**current.get("stages", {}), stage: {**canonical(info), "at": utc_now()}}
+        if store.put_json_if(key, {**current, "stages": stages}, etag):
+            return
+    raise RuntimeError(f"{store.uri(key)} kept changing: stage {stage} not recorded")

@@ -43,6 +43,7 @@ from tasks import eda, masks, store, tracking
 from tasks.dataset import CLASSES, list_pairs, read_image, read_mask
 from tasks.errors import InputError
 from tasks.materialize import materialize_dataset
+from tasks.stage import Stage, add_recompute_argument
 from tasks.weights import fetch_weights
 
 log = logging.getLogger(__name__)
@@ -510,6 +511,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sam2-config", default=SAM2_CONFIG, help=f"sam2 package config name (default {SAM2_CONFIG})"
     )
+    add_recompute_argument(parser)
 
 
 def report_to_clearml(tracker: tracking.Tracker, report: dict) -> None:
@@ -582,7 +584,6 @@ def main(args: argparse.Namespace) -> int:
     threshold = args.score_threshold if args.score_threshold is not None else score_source["score_threshold"]
     flagged = _flagged(scores, threshold)
     bad = sorted(set(given) | set(flagged))
-    prefix = store.stage_prefix(run_id, "relabel")
     inputs = {
         "dataset_version": ref.version,
         "strategy": plan.strategy,
@@ -590,13 +591,11 @@ def main(args: argparse.Namespace) -> int:
         "tiny_area": args.tiny_area,
         "bad_masks": bad,
     }
-    if st.is_current(prefix, inputs):
-        log.info("relabel of dataset %s already published at %s (cached)", ref.version, st.uri(prefix))
+    stage = Stage(st, run_id, "relabel", None, inputs, key=inputs, module=__name__, recompute=args.recompute)
+    if stage.reuse() is not None:
         return 0
     out_dir = store.work_dir() / "runs" / run_id / "relabel"
     preview_dir = store.work_dir() / "runs" / run_id / "relabel-previews"  # ClearML only, not published
-    for folder in (out_dir, preview_dir):
-        shutil.rmtree(folder, ignore_errors=True)  # a retry starts clean
     log.info("relabel: %s (%s) on %d train masks", plan.strategy, plan.reason, len(bad))
     # what both the ClearML parameters and report.json say of this run
     described = {
@@ -619,7 +618,8 @@ def main(args: argparse.Namespace) -> int:
         },
     }
     repair = build_repair()  # weights that do not load end the stage before a task is opened
-    with tracking.open_task(run_id, "relabel", params=params, session_dir=out_dir / "clearml") as tracker:
+
+    def body(tracker: tracking.Tracker) -> dict:
         result = relabel_train(ref.root, out_dir, set(bad), repair, args.tiny_area)
         report = {
             **described,
@@ -640,7 +640,9 @@ def main(args: argparse.Namespace) -> int:
             for path in write_previews(ref.root, out_dir, report["masks"], preview_dir):
                 tracker.report_image("before and after relabel (image, original, relabeled)", path.stem, path)
         tracker.upload_artifact("report", out_dir / "report.json")
+        return result
+
+    result = stage.compute(out_dir, params, body, scratch=[preview_dir])
     shutil.rmtree(preview_dir, ignore_errors=True)  # ClearML holds its copies
-    st.publish(out_dir, prefix, inputs)
     log.info("relabel: %d of %d repaired masks changed", result["changed"], result["repaired"])
     return 0

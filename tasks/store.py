@@ -48,6 +48,7 @@ T = TypeVar("T")
 DEFAULT_BUCKET = "segmentation"
 MARKER = "_SUCCESS"
 MODELS_PREFIX = "models"
+CACHE_PREFIX = "cache"  # the cross-run cache index: cache/<stage>/<key>.json (tasks.stage)
 # The production pointer: one small JSON object naming the champion's models/<version>/, written last
 # with a conditional PUT (tasks.models). Before versions existed production was the prefix
 # models/production/; nothing reads that layout any more.
@@ -155,6 +156,13 @@ def model_prefix(version: str) -> str:
     if version == PRODUCTION_KEY.rpartition("/")[2]:
         raise InputError(f"invalid model version {version!r}")
     return f"{MODELS_PREFIX}/{_check_name('model version', version)}"
+
+
+def cache_entry_key(stage: str, key: str) -> str:
+    """cache/<stage>/<key>.json: which run published the outputs of a stage with this cache key."""
+    if not re.fullmatch(r"[0-9a-f]{64}", key or ""):
+        raise ValueError(f"not a cache key (sha256 hex digest): {key!r}")
+    return f"{CACHE_PREFIX}/{_check_name('stage', stage)}/{key}.json"
 
 
 def marker_key(prefix: str) -> str:
@@ -583,6 +591,46 @@ class Store:
         if existing is None or existing["files"] != digests:
             raise RuntimeError(f"{self.uri(_folder(prefix))} is already published with other files")
         return existing
+
+    def copy_verified(self, source: str, target: str, sha256: str) -> bool:
+        """Server-side copy (CopyObject, metadata kept) of source to target, checked by the server's
+        own SHA-256 of the copied bytes: True when target now holds exactly `sha256`; False (nothing
+        left at target) when source is missing or holds other bytes. Objects up to 5 GB (CopyObject)."""
+
+        def copy() -> str | None:
+            try:
+                response = self.client.copy_object(
+                    Bucket=self.bucket,
+                    Key=target,
+                    CopySource={"Bucket": self.bucket, "Key": source},
+                    ChecksumAlgorithm="SHA256",
+                    MetadataDirective="COPY",
+                )
+            except ClientError as err:
+                if error_code(err) in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+            return response.get("CopyObjectResult", {}).get("ChecksumSHA256")
+
+        server = self._retrying(f"copy {self.uri(source)} -> {self.uri(target)}", copy)
+        if server is None and not self.exists(target):
+            return False
+        if server is not None and "-" not in server:
+            actual = base64.b64decode(server).hex()
+        else:  # a server that does not checksum copies: read the copy back and hash it
+            actual = hashlib.sha256(self.get_bytes_unchecked(target)).hexdigest()
+        if actual != sha256:
+            log.warning("%s: sha256 %s, expected %s: not reused", self.uri(source), actual, sha256)
+            self.delete_keys([target])
+            return False
+        return True
+
+    def get_bytes_unchecked(self, key: str) -> bytes:
+        """An object's bytes as stored, not compared with its metadata (callers check them)."""
+        return self._retrying(
+            f"get {self.uri(key)}",
+            lambda: self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read(),
+        )
 
     def marker(self, prefix: str) -> dict | None:
         """The `_SUCCESS` JSON of a published prefix, or None."""

@@ -10,7 +10,8 @@ log.json, val_metrics.json, clearml/.
 
 Resume: the mirror (runs/<id>/train/<exp>/work/) holds the latest post-validation checkpoint, the
 best checkpoint and the logs; a retry with the same inputs downloads it and resumes at the next
-epoch. Caching: outputs published with the same inputs (--cfg-options included) are not trained again.
+epoch. Caching (tasks/stage.py): a training with the same cache key (inputs, --cfg-options, the
+resolved config's content, the code) published by this run or any earlier one is reused, not trained.
 
 Public helpers evaluate reuses: `load_experiment_config`, `set_data_root`, `prepare_dataset_view`,
 `resolve_train_labels`, `fetch_training_outputs`, `configure_torch_threads`.
@@ -36,6 +37,7 @@ from tasks.dataset import SPLITS
 from tasks.errors import InputError
 from tasks.experiments import PER_CLASS_KEYS, SUMMARY_KEYS
 from tasks.materialize import materialize_dataset
+from tasks.stage import Stage, add_recompute_argument
 from tasks.store import (
     Store,
     check_run_id,
@@ -544,10 +546,12 @@ def train_experiment(
     pretrained: str | None = None,
     cfg_options: dict[str, Any] | None = None,
     store: Store | None = None,
+    recompute: bool = False,
 ) -> dict:
     """Train (or resume, or reuse) one experiment; returns a summary of the published outputs.
 
     cfg_options: config overrides from `overrides.parse_items`, merged last (see `apply_cfg_options`).
+    recompute: train even if this run or an earlier one published a training with the same cache key.
     """
     check_run_id(run_id)
     experiment_config_path(experiment)
@@ -575,9 +579,16 @@ def train_experiment(
         "pretrained_sha256": sha256_file(weights) if weights else None,
         "cfg_options": cfg.cfg_options,
     }
-    if store.is_current(prefix, inputs):
-        log.info("cached: %s already published for these inputs", store.uri(prefix))
-        return {"status": "cached", "prefix": store.uri(prefix), **store.marker(prefix)["inputs"]}
+    # the cache key: relabeled masks by their digest (not this run's prefix), the config by its content
+    key = {
+        **inputs,
+        "labels_source": "relabel" if labels.version else labels.source,
+        "config": config_digest(cfg),
+    }
+    stage = Stage(store, run_id, "train", experiment, inputs, key, __name__, recompute)
+    if (marker := stage.reuse()) is not None:
+        cached_from = {"cached_from": stage.hit["run_id"]} if stage.hit else {}
+        return {"status": "cached", "prefix": store.uri(prefix), **cached_from, **marker["inputs"]}
 
     view = prepare_dataset_view(ds.root, labels.path, exp_dir / "data")
     work = exp_dir / "work"
@@ -599,18 +610,21 @@ def train_experiment(
     threads = configure_torch_threads()
     log.info("torch uses %d threads", threads)
 
-    return _run_and_publish(
-        cfg, store, run_id, prefix, mirror_prefix, inputs, exp_dir, labels, ds.version, resume
-    )
+    return _run_and_publish(cfg, stage, mirror_prefix, exp_dir, labels, ds.version, resume)
+
+
+def config_digest(cfg: Config) -> str:
+    """sha256 of a resolved config's content, without the local path of the pretrained weights (their
+    sha256 is an input of its own): equal for equal settings, whatever the file names."""
+    content = cfg.to_dict()
+    content["model"] = {k: v for k, v in content.get("model", {}).items() if k != "pretrained"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=repr).encode()).hexdigest()
 
 
 def _run_and_publish(
     cfg: Config,
-    store: Store,
-    run_id: str,
-    prefix: str,
+    stage: Stage,
     mirror_prefix: str,
-    inputs: dict,
     exp_dir: Path,
     labels: TrainLabels,
     dataset_version: str,
@@ -622,13 +636,9 @@ def _run_and_publish(
     from tasks.mmseg_setup import check_loaded_samples
 
     out = exp_dir / "publish"
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    experiment = cfg.experiment
-    with tracking.open_task(
-        run_id, "train", experiment, params=inputs, session_dir=out / "clearml"
-    ) as tracker:
+    store, inputs, experiment = stage.store, stage.inputs, cfg.experiment
+
+    def body(tracker: tracking.Tracker) -> dict:
         runner = Runner.from_cfg(cfg)
         # exactly the validated samples, or exit 2 before the first epoch
         check_loaded_samples(runner.train_dataloader.dataset, Path(cfg.data_root), "train", "training")
@@ -662,8 +672,10 @@ def _run_and_publish(
         }
         (out / "val_metrics.json").write_text(json.dumps(val_metrics, indent=2) + "\n")
         tracker.upload_artifact("val_metrics", out / "val_metrics.json")
-    store.publish(out, prefix, inputs)  # also removes the work/ mirror: a finished run needs no resume
-    return {"status": "trained", "prefix": store.uri(prefix), **val_metrics}
+        return val_metrics
+
+    val_metrics = stage.compute(out, inputs, body)  # the publish removes the work/ mirror too
+    return {"status": "trained", "prefix": store.uri(stage.prefix), **val_metrics}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -692,6 +704,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="config overrides merged last, as mmseg's tools/train.py takes them "
         "(e.g. train_cfg.val_interval=1 model.decode_head.channels=32)",
     )
+    add_recompute_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -703,6 +716,7 @@ def main(args: argparse.Namespace) -> int:
         args.max_epochs,
         args.pretrained,
         cfg_options=overrides.parse_items(args.cfg_options),
+        recompute=args.recompute,
     )
     print(json.dumps(summary, indent=2))
     return 0

@@ -85,6 +85,7 @@ def test_schema_accepts_the_defaults_and_a_full_conf(dag: Any) -> None:
         "quality_gate": 0.75,
         "promote": True,
         "approval": "none",
+        "recompute": [],
     }
     conf = {
         "dataset": "/data/pets v2",
@@ -97,6 +98,7 @@ def test_schema_accepts_the_defaults_and_a_full_conf(dag: Any) -> None:
         "quality_gate": 0.8,
         "promote": False,
         "approval": "required",  # nothing to approve without promotion: select stays --no-promote
+        "recompute": [],
     }
     assert run_params(dag, **conf) == conf
     plan = plan_xcoms(dag, run_params(dag, **conf))

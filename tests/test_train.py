@@ -350,12 +350,12 @@ def test_cfg_options_are_part_of_the_training_inputs(
     """A finished training is reused only for the same overrides (the mirror test above: resume too)."""
     trained: list[tuple[object, dict]] = []
 
-    def publish_without_training(cfg, store, run_id, prefix, mirror_prefix, inputs, exp_dir, *_) -> dict:
-        trained.append((cfg, inputs))
+    def publish_without_training(cfg, stage, mirror_prefix, exp_dir, *_) -> dict:
+        trained.append((cfg, stage.inputs))
         out = exp_dir / "publish"
         out.mkdir(parents=True, exist_ok=True)
         cfg.dump(str(out / "config.py"))
-        store.publish(out, prefix, inputs)
+        stage.store.publish(out, stage.prefix, stage.inputs)
         return {"status": "trained"}
 
     monkeypatch.setattr(train, "_run_and_publish", publish_without_training)

@@ -1,0 +1,163 @@
+"""What a scheduled run with no new data costs: a first full run vs a second run with a new run id.
+
+    .venv/bin/python bench/cache_rerun.py                      # the demo's profile (make demo's run)
+    .venv/bin/python bench/cache_rerun.py --train 40 --val 16 --test 16 --max-epochs 3 --experiments h1,exp2
+
+Both runs are `airflow dags test segmentation_pipeline` (infra/airflow_local.sh, the local runner, CPU
+profile, ClearML offline) against one embedded S3 server, one after the other, on the same generated
+dataset, config and code: what the weekly cron does when nothing changed. The second run gets a new
+Airflow run id, so nothing is reused within a run: every stage after validate finds its outputs
+through the cross-run cache (tasks/stage.py) and copies them server-side. Prints both wall times,
+their ratio, each run's stage outcomes from its manifest, and whether the second run uploaded a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _s3_module():
+    spec = importlib.util.spec_from_file_location("s3_server", ROOT / "infra" / "s3_server.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _dags_test(conf: dict, env: dict, log: Path) -> float:
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        result = subprocess.run(
+            [
+                "bash",
+                "infra/airflow_local.sh",
+                "dags",
+                "test",
+                "segmentation_pipeline",
+                "-c",
+                json.dumps(conf),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"airflow dags test failed ({result.returncode}); log: {log}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--train", type=int, default=200)
+    parser.add_argument("--val", type=int, default=120)
+    parser.add_argument("--test", type=int, default=120)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--max-epochs", type=int, default=None, help="default: the CPU profile's")
+    parser.add_argument("--experiments", default=None, help="comma-separated; default: the default four")
+    args = parser.parse_args()
+
+    s3 = _s3_module()
+    py = str(ROOT / ".venv" / "bin" / "python")
+    with tempfile.TemporaryDirectory(prefix="segpipe-cache-bench-") as tmp:
+        base = Path(tmp)
+        port = s3.free_port()
+        server = s3.start(port, base / "moto.log")
+        try:
+            s3.create_bucket(port, "segmentation")
+            work = base / "work"
+            env = {
+                **os.environ,
+                **s3.client_env(port, "segmentation"),
+                "PYTHONPATH": str(ROOT),
+                "SEGPIPE_WORK_DIR": str(work),
+                "CLEARML_OFFLINE_MODE": "1",
+                "CLEARML_CACHE_DIR": str(work / "clearml"),
+                "YOLO_OFFLINE": "1",
+                "YOLO_CONFIG_DIR": str(work / "yolo"),
+                "MPLCONFIGDIR": str(work / "mpl"),
+                "TORCH_HOME": str(work / "torch"),
+                "SEGPIPE_RUNNER": "local",
+                "AIRFLOW_HOME": str(base / "airflow"),
+                # as make demo: one stage at a time, so a training may use every core
+                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)),
+            }
+            dataset = base / "dataset"
+            subprocess.run(
+                [py, "-m", "tasks", "synth", "--out", str(dataset), "--train", str(args.train)]
+                + ["--val", str(args.val), "--test", str(args.test), "--size", str(args.size)],
+                cwd=ROOT,
+                env=env,
+                check=True,
+                capture_output=True,
+            )
+            conf: dict = {
+                "dataset": str(dataset),
+                "profile": "cpu",
+                "relabel_strategy": "auto",
+                "bad_masks": str(dataset / "defects.json"),
+            }
+            if args.max_epochs:
+                conf["max_epochs"] = args.max_epochs
+            if args.experiments:
+                conf["experiments"] = args.experiments.split(",")
+            first = _dags_test(conf, env, base / "first.log")
+            models_before = _models(env)
+            second = _dags_test(conf, env, base / "second.log")
+            models_after = _models(env)
+            outcomes = _outcomes(env)
+        finally:
+            s3.stop(server)
+    print(
+        json.dumps({"conf": {**conf, "dataset": f"synth {args.train}/{args.val}/{args.test} at {args.size}"}})
+    )
+    for run_id, stages in outcomes.items():
+        print(f"{run_id}: " + ", ".join(f"{name} {info['cache']}" for name, info in sorted(stages.items())))
+    print(f"first run (computes every stage): {first:.1f} s")
+    print(f"second run, new run id, nothing changed: {second:.1f} s")
+    print(f"ratio second/first: {second / first:.3f}")
+    print(f"second run uploaded or rewrote a model: {models_before != models_after}")
+
+
+def _store_env(env: dict):
+    saved = dict(os.environ)
+    os.environ.update({k: v for k, v in env.items() if k.startswith(("AWS_", "SEGPIPE_"))})
+    sys.path.insert(0, str(ROOT))
+    from tasks.store import Store
+
+    store = Store.from_env()
+    os.environ.clear()
+    os.environ.update(saved)
+    return store
+
+
+def _models(env: dict) -> dict[str, str]:
+    store = _store_env(env)
+    return {
+        k: store.client.head_object(Bucket=store.bucket, Key=k)["ETag"] for k in store.list_keys("models")
+    }
+
+
+def _outcomes(env: dict) -> dict[str, dict]:
+    store = _store_env(env)
+    runs = sorted(
+        {m.group(1) for k in store.list_keys("runs") if (m := re.match(r"runs/([^/]+)/manifest", k))}
+    )
+    return {run_id: store.get_json(f"runs/{run_id}/manifest.json").get("stages", {}) for run_id in runs}
+
+
+if __name__ == "__main__":
+    main()
