@@ -10,10 +10,10 @@ runs its whole path: download and sha256 checks, config rebuilt from the reposit
 checked under validate's rules, the model's test pipeline, batched forward passes, mask and overlay
 PNGs, predictions.json. Half the images are the study's 256x256 PNGs, half 640x480 JPEGs (any size is
 scaled to the test scale and padded). Each run is its own process: "peak MB" is that process's peak
-resident memory (ru_maxrss) after predict. "model load s" is predict's start (download, checks,
-config, weights); "predict img/s" its loop over the images; "forward" then times only
-`model.test_step` on the same images, already through the pipeline, in the same batches, so
-predict / forward is the share of the model in predict's loop. Torch uses the threads
+resident memory (ru_maxrss). "model load s" is predict's start (download, checks, config, weights);
+"predict img/s" its loop over the images; "forward" times only `model.test_step` on the same images,
+already through the pipeline, in the same batches, so predict / forward is the model's share of
+predict's loop. Rounds of the two alternate (--repeats) and the fastest of each counts. Torch uses the threads
 tasks.train.configure_torch_threads gives it (one fewer than the cores on CPU).
 """
 
@@ -82,9 +82,11 @@ def publish_untrained(experiment: str, profile: str, folder: Path) -> None:
     st.Store.from_env().publish(out, st.stage_prefix(RUN_ID, "train", experiment), inputs)
 
 
-def child(experiment: str, batch_size: int, images: Path, out: Path) -> dict:
-    """One measurement in this process: predict's model loading, its loop over the images (read,
-    check, pipeline, forward, write), then the bare forward on the same images in the same batches."""
+def child(experiment: str, batch_size: int, images: Path, out: Path, repeats: int) -> dict:
+    """One measurement in this process: predict's model loading, then `repeats` alternating rounds of
+    its loop over the images (read, check, pipeline, forward, write) and of the bare forward on the
+    same images in the same batches; the fastest round of each counts (the first pays the warm-up,
+    and other work shares the CPUs)."""
     import torch
     from mmengine.dataset import pseudo_collate
 
@@ -97,25 +99,27 @@ def child(experiment: str, batch_size: int, images: Path, out: Path) -> dict:
     loaded = predict.load_model(Store.from_env(), f"{RUN_ID}/{experiment}", "cpu", out.parent / "model")
     load_s = time.perf_counter() - start
     inputs = predict.collect_images(images)
-    start = time.perf_counter()
-    summary = predict.predict(loaded, inputs, out, batch_size, progress=False)
-    predict_s = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     prepared = [loaded.pipeline(dict(img_path=str(path))) for path in inputs.images.values()]
-    start = time.perf_counter()
-    with torch.no_grad():
-        for first in range(0, len(prepared), batch_size):
-            loaded.model.test_step(pseudo_collate(prepared[first : first + batch_size]))
-    forward_s = time.perf_counter() - start
-    assert summary["written"] == len(prepared) and not summary["failed"], summary["failed"]
+    predict_s, forward_s = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        summary = predict.predict(loaded, inputs, out, batch_size, progress=False)
+        predict_s.append(time.perf_counter() - start)
+        assert summary["written"] == len(prepared) and not summary["failed"], summary["failed"]
+        start = time.perf_counter()
+        with torch.no_grad():
+            for first in range(0, len(prepared), batch_size):
+                loaded.model.test_step(pseudo_collate(prepared[first : first + batch_size]))
+        forward_s.append(time.perf_counter() - start)
     return {
         "experiment": experiment,
         "batch": batch_size,
         "images": len(prepared),
         "load_s": load_s,
-        "predict_img_s": len(prepared) / predict_s,
-        "forward_img_s": len(prepared) / forward_s,
-        "peak_mb": peak_mb,
+        "predict_img_s": len(prepared) / min(predict_s),
+        "forward_img_s": len(prepared) / min(forward_s),
+        "rounds_s": {"predict": predict_s, "forward": forward_s},
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
     }
 
@@ -124,13 +128,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiments", nargs="+", default=["h1", "exp2", "exp2_tta"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 1])
-    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--profile", default="full", choices=["full", "cpu"])
-    parser.add_argument("--child", nargs=4, metavar=("EXP", "BATCH", "IMAGES", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", nargs=5, metavar=("EXP", "BATCH", "IMAGES", "OUT", "N"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.child:
-        experiment, batch, images, out = args.child
-        print(json.dumps(child(experiment, int(batch), Path(images), Path(out))))
+        experiment, batch, images, out, repeats = args.child
+        print(json.dumps(child(experiment, int(batch), Path(images), Path(out), int(repeats))))
         return 0
 
     s3 = _s3_module()
@@ -150,15 +157,8 @@ def main() -> int:
             for experiment in args.experiments:
                 for batch in args.batch_sizes:
                     out = tmp / "runs" / f"{experiment}-{batch}" / "out"
-                    command = [
-                        sys.executable,
-                        __file__,
-                        "--child",
-                        experiment,
-                        str(batch),
-                        str(images),
-                        str(out),
-                    ]
+                    child_args = [experiment, str(batch), str(images), str(out), str(args.repeats)]
+                    command = [sys.executable, __file__, "--child", *child_args]
                     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
                     if result.returncode != 0:
                         raise SystemExit(f"{experiment} batch {batch} failed:\n{result.stderr[-3000:]}")
