@@ -14,7 +14,6 @@ their ratio, each run's stage outcomes from its manifest, and whether the second
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -24,14 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _s3_module():
-    spec = importlib.util.spec_from_file_location("s3_server", ROOT / "infra" / "s3_server.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from _support import ROOT, s3_module
 
 
 def _dags_test(conf: dict, env: dict, log: Path) -> float:
@@ -70,7 +62,7 @@ def main() -> None:
     parser.add_argument("--experiments", default=None, help="comma-separated; default: the default four")
     args = parser.parse_args()
 
-    s3 = _s3_module()
+    s3 = s3_module()
     py = str(ROOT / ".venv" / "bin" / "python")
     with tempfile.TemporaryDirectory(prefix="segpipe-cache-bench-") as tmp:
         base = Path(tmp)

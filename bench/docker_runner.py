@@ -14,7 +14,6 @@ the local-mode run of the same conf, side by side in one run.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -23,14 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _s3_module():
-    spec = importlib.util.spec_from_file_location("s3_server", ROOT / "infra" / "s3_server.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from _support import ROOT, s3_module
 
 
 def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess]:
@@ -73,7 +65,7 @@ def main() -> int:
     for name, tag in images.items():
         print(f"image {tag} ({name}): {image_size(tag) / 1e9:.2f} GB")
 
-    s3 = _s3_module()
+    s3 = s3_module()
     with tempfile.TemporaryDirectory(prefix="docker_runner_") as tmp:
         tmp_path = Path(tmp)
         from tasks.store import Store

@@ -20,7 +20,6 @@ tasks.train.configure_torch_threads gives it (one fewer than the cores on CPU).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -30,15 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _support import ROOT, s3_module
+
 RUN_ID = "bench"
-
-
-def _s3_module():
-    spec = importlib.util.spec_from_file_location("s3_server", ROOT / "infra" / "s3_server.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_images(folder: Path, count: int) -> Path:
@@ -140,7 +133,7 @@ def main() -> int:
         print(json.dumps(child(experiment, int(batch), Path(images), Path(out), int(repeats))))
         return 0
 
-    s3 = _s3_module()
+    s3 = s3_module()
     port = s3.free_port()
     with tempfile.TemporaryDirectory(prefix="segpipe-predict-bench-") as tmp:
         tmp = Path(tmp)

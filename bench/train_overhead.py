@@ -14,7 +14,6 @@ Both must run the same number of iterations, or the bench fails.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -23,14 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _s3_module():
-    spec = importlib.util.spec_from_file_location("s3_server", ROOT / "infra" / "s3_server.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from _support import ROOT, s3_module
 
 
 def bare_train(config_path: Path, work_dir: Path) -> dict:
@@ -70,7 +62,7 @@ def main() -> int:
         print(json.dumps(bare_train(Path(args.bare[0]), Path(args.bare[1]))))
         return 0
 
-    s3 = _s3_module()
+    s3 = s3_module()
     with tempfile.TemporaryDirectory(prefix="train_overhead_") as tmp:
         tmp_path = Path(tmp)
         dataset = args.dataset
