@@ -22,8 +22,12 @@ demo: setup
 	bash infra/demo.sh
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
+# The suite starts a Docker engine where none answers (infra/docker_engine.sh); one it started is
+# stopped afterwards, one that was already running is left alone.
 test: setup system-deps
+	engine_before=$$(bash infra/docker_engine.sh status >/dev/null 2>&1 && echo yes || echo no); \
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$engine_before = no ]; then bash infra/docker_engine.sh stop; fi; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: setup

@@ -81,7 +81,13 @@ stop() {
   # SIGTERM: dockerd stops its containers (each with its own grace period), then itself.
   kill -TERM "$pid"
   for _ in $(seq 1 120); do
-    kill -0 "$pid" 2>/dev/null || { echo "docker_engine: stopped" >&2; rm -f "$PIDFILE"; return 0; }
+    if ! kill -0 "$pid" 2>/dev/null; then
+      # dockerd leaves its default network namespace bind-mounted under the exec root.
+      if mountpoint -q "$EXEC_ROOT/netns/default" 2>/dev/null; then umount "$EXEC_ROOT/netns/default"; fi
+      echo "docker_engine: stopped" >&2
+      rm -f "$PIDFILE"
+      return 0
+    fi
     sleep 0.5
   done
   echo "docker_engine: dockerd $pid still running after 60 s" >&2

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from reliability.support import offline_env
 
 from tasks.stage import code_files, code_version, marker_digest
 from tasks.store import Store, cache_entry_key, manifest_key, stage_prefix
@@ -84,13 +85,7 @@ def bucket(s3_server, tmp_path_factory: pytest.TempPathFactory) -> Bucket:
     env = {
         **os.environ,
         **s3_server.env(name),
-        "HOME": str(home),
-        "CLEARML_OFFLINE_MODE": "1",
-        "YOLO_OFFLINE": "1",
-        "SEGPIPE_WORK_DIR": str(home / "work"),
-        "MPLCONFIGDIR": str(home / "mpl"),
-        "TORCH_HOME": str(home / "torch"),
-        "CLEARML_CACHE_DIR": str(home / "clearml"),
+        **offline_env(home),
     }
     made = Bucket(env, home)
     saved = dict(os.environ)
