@@ -12,7 +12,7 @@
 #     started); the exec root holds containerd's unix sockets, whose paths may not exceed 104 bytes, so
 #     where .work/docker/exec is longer than 60 it is /run/segpipe-docker-<hash of the state dir>;
 #   - data root (images, layer cache) OUTSIDE the clone, SEGPIPE_DOCKER_DATA_ROOT (default
-#     ~/.cache/segpipe/docker): a fresh clone on the same machine finds its images already built;
+#     ~/.cache/segpipe/docker of the account): a fresh clone on the same machine finds its images built;
 #   - socket: DOCKER_HOST's unix socket, default /var/run/docker.sock (docker's standard, so every
 #     client and the DockerOperator's default docker_url find it);
 #   - SEGPIPE_DOCKERD_ARGS: more dockerd options (e.g. "--bridge=none --iptables=false" for an engine
@@ -21,7 +21,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 STATE=${SEGPIPE_DOCKER_STATE:-$ROOT/.work/docker}
-DATA_ROOT=${SEGPIPE_DOCKER_DATA_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/segpipe/docker}
+# The account's home from the passwd database, not $HOME: a caller's sandbox HOME (the test suite sets
+# one per test) must not move the image cache into a temporary folder.
+ACCOUNT_HOME=$(getent passwd "$(id -u)" | cut -d: -f6)
+DATA_ROOT=${SEGPIPE_DOCKER_DATA_ROOT:-${XDG_CACHE_HOME:-${ACCOUNT_HOME:-$HOME}/.cache}/segpipe/docker}
 PIDFILE=$STATE/dockerd.pid
 EXEC_ROOT=$STATE/exec
 if [ ${#EXEC_ROOT} -gt 60 ]; then

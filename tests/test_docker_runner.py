@@ -9,6 +9,7 @@ The first run builds the images (minutes); the engine's data root lives outside 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 import time
@@ -265,6 +266,8 @@ def test_engine_start_is_idempotent() -> None:
     # Images and layer cache outside the clone: a fresh clone finds them.
     data_root = Path(status.stdout.rsplit("data root ", 1)[1].strip())
     assert not data_root.resolve().is_relative_to(ROOT.resolve()), data_root
+    # ... nor in the suite's per-test HOME (a temporary folder): a second suite run finds the images.
+    assert not data_root.resolve().is_relative_to(Path(os.environ["HOME"]).resolve()), data_root
 
 
 def test_engine_starts_stops_and_keeps_its_state_where_told(tmp_path: Path) -> None:
