@@ -338,7 +338,8 @@ def evaluate_experiment(
         "panels": n_panels,
     }
     # the config evaluate rebuilds (from this repository's file) is part of what determines the outputs
-    config = training_config(train_marker["inputs"], experiment, store.uri(marker_key(train_prefix)))
+    where = store.uri(marker_key(train_prefix))
+    config = training_config(train_marker["inputs"], experiment, where, register=False)  # no torch yet
     key = {**inputs, "config": config_digest(config)}
     stage = Stage(store, run_id, "eval", experiment, inputs, key, __name__, recompute, relocate_to(run_id))
     if stage.reuse() is not None:

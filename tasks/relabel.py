@@ -392,8 +392,8 @@ def suspicious_scores(
     prefix = store.stage_prefix(run_id, "eda")
     inputs = {"dataset_version": version, "scorer": eda.scorer_settings(tiny_area)}
     if st.is_current(prefix, inputs):
-        local = st.fetch(prefix, store.work_dir() / "runs" / run_id / "eda-for-relabel")
-        report = json.loads((local / "report.json").read_text())
+        local = store.work_dir() / "runs" / run_id / "eda-for-relabel" / "report.json"
+        report = json.loads(st.fetch_file(prefix, "report.json", local).read_text())  # not the plots
         return report["suspicious"], {
             "source": st.uri(f"{prefix}/report.json"),
             "score_threshold": report["score_threshold"],

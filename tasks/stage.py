@@ -29,6 +29,7 @@ import json
 import logging
 import shutil
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -43,6 +44,8 @@ R = TypeVar("R")
 PACKAGE_DIR = Path(__file__).resolve().parent
 # For train and evaluate, stage name in the key layout -> name of the ClearML task
 TASK_NAMES = {"eval": "evaluate"}
+# Server-side copies of a reused output in flight at once (boto3's pool holds 10 connections)
+COPY_THREADS = 8
 
 
 # ---------------------------------------------------------------- the cache key
@@ -199,23 +202,14 @@ class Stage:
         own = marker_key(self.prefix)
         if self.store.exists(own):  # this run's earlier outputs (other inputs) stop being published
             self.store.delete_keys([own])
-        files = {}
-        for rel, digest in marker["files"].items():
-            src, dst = f"{source}/{rel}", f"{self.prefix}/{rel}"
-            rewrite = self.relocate(rel, entry["run_id"]) if self.relocate else None
-            if rewrite is None:
-                if not self.store.copy_verified(src, dst, digest):
-                    log.warning("%s: cached object %s missing or corrupt: recomputing", self.name, src)
-                    return None
-                files[rel] = digest
-                continue
-            data = self.store.get_bytes_unchecked(src) if self.store.exists(src) else None
-            if data is None or hashlib.sha256(data).hexdigest() != digest:
-                log.warning("%s: cached object %s missing or corrupt: recomputing", self.name, src)
-                return None
-            relocated = rewrite(data)
-            self.store.put_bytes(dst, relocated)
-            files[rel] = hashlib.sha256(relocated).hexdigest()
+        # one request per file, each a round trip to the server: several at a time
+        with ThreadPoolExecutor(COPY_THREADS) as pool:
+            copied = pool.map(
+                lambda item: self._copy_file(source, entry["run_id"], *item), marker["files"].items()
+            )
+            files = dict(zip(marker["files"], copied, strict=True))
+        if None in files.values():
+            return None
         stale = [k for k in self.store.list_keys(self.prefix) if k[len(self.prefix) + 1 :] not in files]
         if stale:
             self.store.delete_keys(stale)
@@ -228,6 +222,23 @@ class Stage:
         }
         self.store.put_json(own, content)
         return content
+
+    def _copy_file(self, source: str, source_run: str, rel: str, digest: str) -> str | None:
+        """One file of a reused output into this run's prefix: its sha256 there, or None (logged) when
+        the cached object is missing or holds other bytes."""
+        src, dst = f"{source}/{rel}", f"{self.prefix}/{rel}"
+        rewrite = self.relocate(rel, source_run) if self.relocate else None
+        if rewrite is None:
+            if self.store.copy_verified(src, dst, digest):
+                return digest
+        else:
+            data = self.store.get_bytes_unchecked(src) if self.store.exists(src) else None
+            if data is not None and hashlib.sha256(data).hexdigest() == digest:
+                relocated = rewrite(data)
+                self.store.put_bytes(dst, relocated)
+                return hashlib.sha256(relocated).hexdigest()
+        log.warning("%s: cached object %s missing or corrupt: recomputing", self.name, src)
+        return None
 
     # ------------------------------------------------------------ compute
 

@@ -678,6 +678,14 @@ class Store:
             log.info("%s was re-published while downloading; starting over", self.uri(prefix))
         raise RuntimeError(f"{self.uri(prefix)} kept changing during {self.retry.attempts} downloads")
 
+    def fetch_file(self, prefix: str, rel: str, local: Path) -> Path:
+        """One file of a published prefix, checked against the sha256 its marker lists (InputError
+        when the prefix is not published or its marker does not list rel)."""
+        content = self._wait_for_marker(prefix, time.monotonic())
+        if rel not in content["files"]:
+            raise InputError(f"{self.uri(prefix)}: published without {rel}")
+        return self._download_file(_folder(prefix) + rel, Path(local), content["files"][rel])
+
     def _wait_for_marker(self, prefix: str, deadline: float) -> dict:
         while (content := self.marker(prefix)) is None:
             if time.monotonic() >= deadline:

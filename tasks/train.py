@@ -13,6 +13,10 @@ best checkpoint and the logs; a retry with the same inputs downloads it and resu
 epoch. Caching (tasks/stage.py): a training with the same cache key (inputs, --cfg-options, the
 resolved config's content, the code) published by this run or any earlier one is reused, not trained.
 
+Imports: torch, mmseg and mmengine's runner and hooks are imported inside the functions that train
+(or load weights), never at module level: a cache hit computes its key from the config alone
+(`load_experiment_config(..., register=False)`) and copies the outputs without loading them.
+
 Public helpers evaluate reuses: `load_experiment_config`, `set_data_root`, `prepare_dataset_view`,
 `resolve_train_labels`, `fetch_training_outputs`, `configure_torch_threads`.
 """
@@ -26,13 +30,13 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-from mmengine.config import Config
-from mmengine.hooks import Hook
+from mmengine.config import Config  # no torch: the cache key needs the resolved config only
 
-from tasks import experiments, mmcompat, overrides
+from tasks import experiments, overrides
 from tasks.dataset import SPLITS
 from tasks.errors import InputError
 from tasks.experiments import PER_CLASS_KEYS, SUMMARY_KEYS
@@ -160,6 +164,8 @@ def registered_name(name: str, registry_name: str) -> bool:
     Looked up in the registries' own tables, never through `Registry.get`, which imports any dotted
     path it is given (`subprocess.Popen` would be "registered").
     """
+    from tasks import mmcompat  # torch and mmseg: only a registry option needs them
+
     mmcompat.apply()  # before the first mmseg import
     import mmengine.optim  # noqa: F401  (registers mmengine's optimizers and wrappers)
     import mmseg.registry
@@ -208,6 +214,16 @@ def apply_cfg_options(cfg: Config, options: dict[str, Any]) -> Config:
     return cfg
 
 
+def register_config_modules(cfg: Config) -> Config:
+    """Import the config's `custom_imports` (tasks.mmseg_setup: mmseg, torch), as mmengine's
+    `Config.fromfile` would: what building anything from the config needs."""
+    from mmengine.utils import import_modules_from_strings
+
+    if cfg.get("custom_imports"):
+        import_modules_from_strings(**cfg.custom_imports)
+    return cfg
+
+
 def load_experiment_config(
     experiment: str,
     profile: str = "full",
@@ -216,14 +232,17 @@ def load_experiment_config(
     max_epochs: int | None = None,
     pretrained: Path | None = None,
     cfg_options: dict[str, Any] | None = None,
+    register: bool = True,
 ) -> Config:
     """The resolved mmengine Config of one experiment: its file, the profile overlay, then overrides.
 
     dataset_root: a dataset in the study's layout (a view from `prepare_dataset_view`); pretrained:
     a local backbone checkpoint (full profile only; None = train from scratch); cfg_options: from
     `overrides.parse_items` (or recorded ones), merged last and recorded as `cfg_options`.
+    register: import the config's custom modules (`register_config_modules`); False gives the same
+    config without importing mmseg or torch, for what only reads it (a cache key).
     """
-    cfg = Config.fromfile(experiment_config_path(experiment))  # imports tasks.mmseg_setup (custom_imports)
+    cfg = Config.fromfile(experiment_config_path(experiment), import_custom_modules=False)
     apply_profile(cfg, profile)
     if dataset_root is not None:
         set_data_root(cfg, Path(dataset_root))
@@ -241,7 +260,7 @@ def load_experiment_config(
     cfg.experiment, cfg.profile = experiment, profile
     apply_cfg_options(cfg, cfg_options or {})
     cfg.cfg_options = cfg_options or {}
-    return cfg
+    return register_config_modules(cfg) if register else cfg
 
 
 # ---------------------------------------------------------------- data
@@ -254,24 +273,47 @@ class TrainLabels:
     path: Path
     source: str
     version: str | None  # the relabel output's content digest; None when the dataset version covers it
+    # relabel's published prefix, downloaded into path by `fetch_train_labels`; None: the dataset's own
+    relabel_prefix: str | None = None
 
 
-def resolve_train_labels(store: Store, run_id: str, dataset_root: Path, cache_dir: Path) -> TrainLabels:
-    """The run's relabeled train masks when relabel published, else labels_sam2/train, else labels/train."""
+def _relabeled_masks_digest(marker: dict) -> str:
+    # the masks' checksums only: relabel's ClearML session zip differs on every run
+    masks = {rel: sha for rel, sha in marker["files"].items() if rel.startswith("labels_sam2/train/")}
+    return hashlib.sha256(json.dumps(masks, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_train_labels(
+    store: Store, run_id: str, dataset_root: Path, cache_dir: Path, download: bool = True
+) -> TrainLabels:
+    """The run's relabeled train masks when relabel published, else labels_sam2/train, else labels/train.
+
+    download=False: relabel's masks are not downloaded yet (their version comes from the marker:
+    what a cache key needs); `fetch_train_labels` downloads them."""
     prefix = stage_prefix(run_id, "relabel")
     marker = store.marker(prefix)
     if marker is not None:
-        path = store.fetch(prefix, cache_dir) / "labels_sam2" / "train"
-        if not path.is_dir():
+        if not any(rel.startswith("labels_sam2/train/") for rel in marker["files"]):
             raise InputError(f"{store.uri(prefix)}: relabel outputs have no labels_sam2/train/")
-        # the masks' checksums only: relabel's ClearML session zip differs on every run
-        masks = {rel: sha for rel, sha in marker["files"].items() if rel.startswith("labels_sam2/train/")}
-        digest = hashlib.sha256(json.dumps(masks, sort_keys=True).encode()).hexdigest()[:16]
-        return TrainLabels(path, f"{store.uri(prefix)}/labels_sam2/train", digest)
+        path = cache_dir / "labels_sam2" / "train"
+        labels = TrainLabels(
+            path, f"{store.uri(prefix)}/labels_sam2/train", _relabeled_masks_digest(marker), prefix
+        )
+        return fetch_train_labels(store, labels, cache_dir) if download else labels
     for rel in ("labels_sam2/train", "labels/train"):
         if (dataset_root / rel).is_dir():
             return TrainLabels(dataset_root / rel, f"dataset:{rel}", None)
     raise InputError(f"{dataset_root}: no labels/train/ folder")
+
+
+def fetch_train_labels(store: Store, labels: TrainLabels, cache_dir: Path) -> TrainLabels:
+    """Download relabel's published outputs into cache_dir (nothing for the dataset's own labels),
+    sha256-checked; RuntimeError (a retry) if relabel published other masks since `labels` was made."""
+    if labels.relabel_prefix is not None:
+        marker = store.fetch_marked(labels.relabel_prefix, cache_dir, wait_s=0)
+        if _relabeled_masks_digest(marker) != labels.version:
+            raise RuntimeError(f"{store.uri(labels.relabel_prefix)}: re-published with other masks meanwhile")
+    return labels
 
 
 def prepare_dataset_view(dataset_root: Path, train_labels: Path, view_dir: Path) -> Path:
@@ -309,67 +351,75 @@ def configure_torch_threads() -> int:
     return torch.get_num_threads()
 
 
-class StoreMirrorHook(Hook):
-    """After every validation: save the resume checkpoint and mirror it, the best one and the logs.
+@cache
+def _store_mirror_hook() -> type:
+    from mmengine.hooks import Hook  # torch: only a training builds the hook
 
-    mmengine's CheckpointHook saves epoch_N.pth BEFORE epoch N's validation, so its message hub
-    misses that validation (best score, best checkpoint, early-stopping state): resuming from it
-    would forget a best epoch N. This hook saves epoch_N.pth again after validation, then uploads
-    what changed and deletes superseded keys. `mirror.json` goes last and names the files, the
-    inputs and two resume points (this validation's checkpoint and the one before, each with the
-    best checkpoint its message hub names), so a retry that finds the newest one corrupt resumes
-    from the other; a retry with other inputs ignores the mirror.
-    """
+    class StoreMirrorHook(Hook):
+        """After every validation: save the resume checkpoint and mirror it, the best one and the logs.
 
-    priority = "LOWEST"  # after CheckpointHook (best checkpoint) and early stopping (its state)
+        mmengine's CheckpointHook saves epoch_N.pth BEFORE epoch N's validation, so its message hub
+        misses that validation (best score, best checkpoint, early-stopping state): resuming from it
+        would forget a best epoch N. This hook saves epoch_N.pth again after validation, then uploads
+        what changed and deletes superseded keys. `mirror.json` goes last and names the files, the
+        inputs and two resume points (this validation's checkpoint and the one before, each with the
+        best checkpoint its message hub names), so a retry that finds the newest one corrupt resumes
+        from the other; a retry with other inputs ignores the mirror.
+        """
 
-    def __init__(self, store: Store, prefix: str, inputs: dict, resumed: dict | None = None) -> None:
-        self.store, self.prefix, self.inputs = store, prefix, inputs
-        self._sent: dict[str, tuple[int, int]] = {}  # rel path -> (size, mtime_ns) already uploaded
-        self._previous = resumed  # the resume point before the newest (uploaded earlier)
+        priority = "LOWEST"  # after CheckpointHook (best checkpoint) and early stopping (its state)
 
-    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        # The message hub stores absolute paths of the worker that saved it; a retry may run elsewhere.
-        info = checkpoint.get("message_hub", {}).get("runtime_info", {})
-        for key in ("best_ckpt", "last_ckpt"):
-            if info.get(key):
-                info[key] = os.path.join(runner.work_dir, os.path.basename(info[key]))
+        def __init__(self, store: Store, prefix: str, inputs: dict, resumed: dict | None = None) -> None:
+            self.store, self.prefix, self.inputs = store, prefix, inputs
+            self._sent: dict[str, tuple[int, int]] = {}  # rel path -> (size, mtime_ns) already uploaded
+            self._previous = resumed  # the resume point before the newest (uploaded earlier)
 
-    def after_val_epoch(self, runner, metrics: dict | None = None) -> None:
-        hub = runner.message_hub
-        best = hub.get_info("best_ckpt")
-        if best and os.path.basename(best) != (hub.get_info(BEST_INFO_KEY) or {}).get("checkpoint"):
-            plain = {key: None if value is None else float(value) for key, value in (metrics or {}).items()}
-            hub.update_info(
-                BEST_INFO_KEY, dict(checkpoint=os.path.basename(best), epoch=runner.epoch, metrics=plain)
+        def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+            # The message hub stores absolute paths of the worker that saved it; a retry may run elsewhere.
+            info = checkpoint.get("message_hub", {}).get("runtime_info", {})
+            for key in ("best_ckpt", "last_ckpt"):
+                if info.get(key):
+                    info[key] = os.path.join(runner.work_dir, os.path.basename(info[key]))
+
+        def after_val_epoch(self, runner, metrics: dict | None = None) -> None:
+            hub = runner.message_hub
+            best = hub.get_info("best_ckpt")
+            if best and os.path.basename(best) != (hub.get_info(BEST_INFO_KEY) or {}).get("checkpoint"):
+                plain = {
+                    key: None if value is None else float(value) for key, value in (metrics or {}).items()
+                }
+                hub.update_info(
+                    BEST_INFO_KEY, dict(checkpoint=os.path.basename(best), epoch=runner.epoch, metrics=plain)
+                )
+            name = f"epoch_{runner.epoch}.pth"
+            runner.save_checkpoint(runner.work_dir, name, meta=dict(epoch=runner.epoch, iter=runner.iter))
+            Path(runner.work_dir, "last_checkpoint").write_text(os.path.join(runner.work_dir, name))
+            self.mirror(Path(runner.work_dir), name, best, runner.epoch)
+
+        def mirror(self, work: Path, checkpoint: str, best: str | None, epoch: int) -> None:
+            point = dict(epoch=epoch, checkpoint=checkpoint, best=os.path.basename(best) if best else None)
+            files = [checkpoint, "last_checkpoint"] + ([point["best"]] if best else [])
+            # logs of this and earlier attempts: <timestamp>/<timestamp>.log, <timestamp>/vis_data/*.json
+            files += sorted(p.relative_to(work).as_posix() for p in work.glob("*/**/*") if p.is_file())
+            for rel in files:
+                stat = (work / rel).stat()
+                if self._sent.get(rel) != (stat.st_size, stat.st_mtime_ns):
+                    self.store.upload_file(work / rel, f"{self.prefix}/{rel}")
+                    self._sent[rel] = (stat.st_size, stat.st_mtime_ns)
+            points = [point] + ([self._previous] if self._previous and self._previous != point else [])
+            kept = [rel for p in points[1:] for rel in _point_files(p) if rel not in files]  # uploaded before
+            index = dict(
+                inputs=self.inputs, epoch=epoch, checkpoint=checkpoint, files=files + kept, points=points
             )
-        name = f"epoch_{runner.epoch}.pth"
-        runner.save_checkpoint(runner.work_dir, name, meta=dict(epoch=runner.epoch, iter=runner.iter))
-        Path(runner.work_dir, "last_checkpoint").write_text(os.path.join(runner.work_dir, name))
-        self.mirror(Path(runner.work_dir), name, best, runner.epoch)
+            self.store.put_json(f"{self.prefix}/{MIRROR_INDEX}", index)
+            wanted = {f"{self.prefix}/{rel}" for rel in [*index["files"], MIRROR_INDEX]}
+            stale = [key for key in self.store.list_keys(self.prefix) if key not in wanted]
+            if stale:
+                self.store.delete_keys(stale)
+            self._previous = point
+            log.info("mirrored epoch %d (%s) to %s", epoch, checkpoint, self.store.uri(self.prefix))
 
-    def mirror(self, work: Path, checkpoint: str, best: str | None, epoch: int) -> None:
-        point = dict(epoch=epoch, checkpoint=checkpoint, best=os.path.basename(best) if best else None)
-        files = [checkpoint, "last_checkpoint"] + ([point["best"]] if best else [])
-        # logs of this and earlier attempts: <timestamp>/<timestamp>.log, <timestamp>/vis_data/*.json
-        files += sorted(p.relative_to(work).as_posix() for p in work.glob("*/**/*") if p.is_file())
-        for rel in files:
-            stat = (work / rel).stat()
-            if self._sent.get(rel) != (stat.st_size, stat.st_mtime_ns):
-                self.store.upload_file(work / rel, f"{self.prefix}/{rel}")
-                self._sent[rel] = (stat.st_size, stat.st_mtime_ns)
-        points = [point] + ([self._previous] if self._previous and self._previous != point else [])
-        kept = [rel for p in points[1:] for rel in _point_files(p) if rel not in files]  # uploaded before
-        index = dict(
-            inputs=self.inputs, epoch=epoch, checkpoint=checkpoint, files=files + kept, points=points
-        )
-        self.store.put_json(f"{self.prefix}/{MIRROR_INDEX}", index)
-        wanted = {f"{self.prefix}/{rel}" for rel in [*index["files"], MIRROR_INDEX]}
-        stale = [key for key in self.store.list_keys(self.prefix) if key not in wanted]
-        if stale:
-            self.store.delete_keys(stale)
-        self._previous = point
-        log.info("mirrored epoch %d (%s) to %s", epoch, checkpoint, self.store.uri(self.prefix))
+    return StoreMirrorHook
 
 
 def _point_files(point: dict) -> list[str]:
@@ -387,6 +437,8 @@ class Resume:
 def _check_loads(path: Path, resume: bool) -> None:
     """Raise unless path loads as a checkpoint (as data: weights_only, tasks.mmcompat) with the
     parts a resume (or, for a best checkpoint, the published weights) needs."""
+    from tasks import mmcompat  # torch: only a resume loads checkpoints
+
     checkpoint = mmcompat.load_checkpoint_file(str(path), map_location="cpu")
     needed = ("meta", "state_dict", "message_hub", "optimizer") if resume else ("meta", "state_dict")
     missing = [key for key in needed if key not in checkpoint]
@@ -450,7 +502,9 @@ def _scalar_logs(work: Path) -> list[Path]:
 
 def metrics_from_flat(flat: dict[str, float | None], classes: tuple[str, ...]) -> dict:
     """PerClassIoUMetric's flat keys (mDice, Dice.cat, ...) -> the contract's {summary..., per_class}."""
-    mmcompat.apply()  # tasks.metrics imports mmseg
+    from tasks import mmcompat  # torch and mmseg: tasks.metrics imports mmseg
+
+    mmcompat.apply()
     from tasks.metrics import metrics_document  # the contract's metric JSON shape lives there
 
     per_class = {cls: {key: flat.get(f"{key}.{cls}") for key in PER_CLASS_KEYS} for cls in classes}
@@ -466,13 +520,13 @@ def _published_best(work: Path, best_name: str) -> Path:
     return found[-1]
 
 
-def training_config(inputs: Any, experiment: str, where: str) -> Config:
+def training_config(inputs: Any, experiment: str, where: str, register: bool = True) -> Config:
     """The resolved config of a published training, rebuilt from this repository's experiment file and
     the training's recorded inputs (its `_SUCCESS` marker), each checked again as the CLI checks it.
 
     The store's config.py is never executed: it is Python, and whoever can write to the bucket could
     put any code in it. A forged marker can at most pick another allowed experiment setting.
-    where: the marker's location, named in errors.
+    where: the marker's location, named in errors; register: as `load_experiment_config`'s.
     """
     if not isinstance(inputs, dict):
         raise InputError(f"{where}: records no training inputs")
@@ -490,7 +544,9 @@ def training_config(inputs: Any, experiment: str, where: str) -> Config:
         options = overrides.check_values(recorded["cfg_options"] or {})
     except InputError as err:
         raise InputError(f"{where}: recorded {err}") from None
-    return load_experiment_config(experiment, recorded["profile"], max_epochs=epochs, cfg_options=options)
+    return load_experiment_config(
+        experiment, recorded["profile"], max_epochs=epochs, cfg_options=options, register=register
+    )
 
 
 @dataclass(frozen=True)
@@ -519,6 +575,8 @@ def fetch_training_outputs(store: Store, run_id: str, experiment: str, local_dir
 
 
 def _pretrained_file(store: Store, spec: str | None, cache_dir: Path) -> Path | None:
+    """The --pretrained file, local (downloaded from the store if given as s3://); `_check_pretrained`
+    loads it."""
     if spec is None:
         return None
     if spec.startswith("s3://"):
@@ -530,11 +588,21 @@ def _pretrained_file(store: Store, spec: str | None, cache_dir: Path) -> Path | 
         path = Path(spec).expanduser().resolve()
         if not path.is_file():
             raise InputError(f"{spec}: pretrained weights file does not exist")
-    try:  # a bad file is bad input (exit 2, no retry), found before any model is built
+    return path
+
+
+def _check_pretrained(path: Path | None, spec: str | None) -> None:
+    """A --pretrained file that does not load is bad input (exit 2, no retry), found before any model
+    is built. Only a training that computes checks it (torch): a cached one keyed on its sha256 was
+    trained from these very bytes."""
+    if path is None:
+        return
+    from tasks import mmcompat  # torch: loading weights
+
+    try:
         mmcompat.load_checkpoint_file(str(path), map_location="cpu")
     except ValueError as err:  # user weights load with weights_only=True only (tasks.mmcompat)
         raise InputError(f"--pretrained {spec}: {err}") from err
-    return path
 
 
 def train_experiment(
@@ -565,10 +633,16 @@ def train_experiment(
     weights = _pretrained_file(store, pretrained, exp_dir / "pretrained")
     # Before the dataset is read (or published): bad overrides are refused first.
     cfg = load_experiment_config(
-        experiment, profile, max_epochs=max_epochs, pretrained=weights, cfg_options=cfg_options
+        experiment,
+        profile,
+        max_epochs=max_epochs,
+        pretrained=weights,
+        cfg_options=cfg_options,
+        register=False,
     )
     ds = materialize_dataset(dataset, store, run_id=run_id)  # the version validate pinned
-    labels = resolve_train_labels(store, run_id, ds.root, exp_dir / "relabel")
+    # relabel's masks by their digest only: downloaded when the training is not cached
+    labels = resolve_train_labels(store, run_id, ds.root, exp_dir / "relabel", download=False)
     inputs = {
         "dataset_version": ds.version,
         "experiment": experiment,
@@ -590,6 +664,9 @@ def train_experiment(
         cached_from = {"cached_from": stage.hit["run_id"]} if stage.hit else {}
         return {"status": "cached", "prefix": store.uri(prefix), **cached_from, **marker["inputs"]}
 
+    _check_pretrained(weights, pretrained)
+    register_config_modules(cfg)
+    fetch_train_labels(store, labels, exp_dir / "relabel")
     view = prepare_dataset_view(ds.root, labels.path, exp_dir / "data")
     work = exp_dir / "work"
     if work.exists():
@@ -643,7 +720,7 @@ def _run_and_publish(
         # exactly the validated samples, or exit 2 before the first epoch
         check_loaded_samples(runner.train_dataloader.dataset, Path(cfg.data_root), "train", "training")
         check_loaded_samples(runner.val_dataloader.dataset, Path(cfg.data_root), "val", "training")
-        runner.register_hook(StoreMirrorHook(store, mirror_prefix, inputs, resume and resume.point))
+        runner.register_hook(_store_mirror_hook()(store, mirror_prefix, inputs, resume and resume.point))
         runner.register_hook(tracking.TrackerHook(tracker), priority="LOW")
         runner.train()
         best = runner.message_hub.get_info(BEST_INFO_KEY)

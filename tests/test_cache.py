@@ -28,6 +28,20 @@ import segpipe_runners as runners  # noqa: E402
 
 STAGES = ("eda", "relabel", "train/h1", "eval/h1")
 TRAIN = ("--profile", "cpu", "--max-epochs", "1")
+# What only computing may import: a cache hit must not pay seconds of imports for them
+HEAVY_MODULES = {"torch", "mmseg", "mmcv", "mmengine.runner", "mmengine.hooks", "ultralytics", "sam2"}
+
+
+def split_import_trace(stderr: str) -> tuple[set[str], str]:
+    """A `python -X importtime` process's stderr: the modules it imported (one `import time: ... |
+    name` line each) and the rest of its stderr."""
+    modules, rest = set(), []
+    for line in stderr.splitlines():
+        if line.startswith("import time:"):
+            modules.add(line.rpartition("|")[2].strip())
+        else:
+            rest.append(line)
+    return modules, "\n".join(rest)
 
 
 class Bucket:
@@ -36,34 +50,50 @@ class Bucket:
     def __init__(self, env: dict[str, str], work: Path):
         self.env, self.work = env, work
         self.store: Store | None = None
+        self.imports: dict[str, dict[str, set[str]]] = {}  # run id -> step -> modules it imported
 
-    def stage(self, *argv: str, code: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
+    def stage(
+        self, *argv: str, code: Path = ROOT, check: bool = True, trace_imports: str | None = None
+    ) -> subprocess.CompletedProcess:
+        """One stage process; trace_imports=RUN_ID records the modules it imports (-X importtime)."""
         env = {**self.env, "PYTHONPATH": str(code)}
+        flags = ("-X", "importtime") if trace_imports else ()
         result = subprocess.run(
-            [sys.executable, "-m", "tasks", *argv],
+            [sys.executable, *flags, "-m", "tasks", *argv],
             cwd=code,
             env=env,
             capture_output=True,
             text=True,
             timeout=600,
         )
+        if trace_imports:
+            modules, result.stderr = split_import_trace(result.stderr)
+            self.imports.setdefault(trace_imports, {})[argv[0]] = modules
         if check:
             assert result.returncode == 0, f"{argv}:\n{result.stderr[-4000:]}"
         return result
 
     def pipeline(
-        self, run_id: str, dataset: Path, *cfg_options: str, code: Path = ROOT, select: bool = False
+        self,
+        run_id: str,
+        dataset: Path,
+        *cfg_options: str,
+        code: Path = ROOT,
+        select: bool = False,
+        trace_imports: bool = False,
     ) -> dict:
-        """validate .. evaluate (and select) of one run; the manifest's record of each stage."""
+        """validate .. evaluate (and select) of one run; the manifest's record of each stage.
+        trace_imports: record what each stage process imports (self.imports[run_id])."""
         common = ("--run-id", run_id, "--dataset", str(dataset))
-        self.stage("validate", str(dataset), "--run-id", run_id, code=code)
-        self.stage("eda", *common, code=code)
-        self.stage("relabel", *common, "--strategy", "morphology", code=code)
+        how = {"code": code, "trace_imports": run_id if trace_imports else None}
+        self.stage("validate", str(dataset), "--run-id", run_id, **how)
+        self.stage("eda", *common, **how)
+        self.stage("relabel", *common, "--strategy", "morphology", **how)
         options = ("--cfg-options", *cfg_options) if cfg_options else ()
-        self.stage("train", "--experiment", "h1", *common, *TRAIN, *options, code=code)
-        self.stage("evaluate", "--experiment", "h1", *common, "--panels", "1", code=code)
+        self.stage("train", "--experiment", "h1", *common, *TRAIN, *options, **how)
+        self.stage("evaluate", "--experiment", "h1", *common, "--panels", "1", **how)
         if select:
-            self.stage("select", "--run-id", run_id, "--experiments", "h1", "--gate", "0", code=code)
+            self.stage("select", "--run-id", run_id, "--experiments", "h1", "--gate", "0", **how)
         return self.store.get_json(manifest_key(run_id))["stages"]
 
 
@@ -100,9 +130,9 @@ def bucket(s3_server, tmp_path_factory: pytest.TempPathFactory) -> Bucket:
 def runs(bucket: Bucket, tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The first run and a second one with a new run id and unchanged inputs."""
     store = bucket.store
-    first = bucket.pipeline("first", tiny_dataset, select=True)
+    first = bucket.pipeline("first", tiny_dataset, select=True, trace_imports=True)
     models_before = _objects(store, "models")
-    second = bucket.pipeline("second", tiny_dataset, select=True)
+    second = bucket.pipeline("second", tiny_dataset, select=True, trace_imports=True)
     return {"first": first, "second": second, "models": (models_before, _objects(store, "models"))}
 
 
@@ -131,6 +161,17 @@ def test_a_second_run_with_unchanged_inputs_reuses_every_stage_and_uploads_no_mo
     metrics = store.get_json(f"{stage_prefix('second', 'eval', 'h1')}/test_metrics.json")
     assert metrics["run_id"] == "second"
     assert metrics["checkpoint"] == f"{stage_prefix('second', 'train', 'h1')}/best.pth"
+
+
+@pytest.mark.slow
+def test_a_cache_hit_imports_neither_torch_nor_mmseg(bucket: Bucket, runs: dict) -> None:
+    first, second = bucket.imports["first"], bucket.imports["second"]
+    # what the trace sees: the first run's train and evaluate computed, so they imported the stack
+    assert {"torch", "mmseg", "mmengine.runner"} <= first["train"] & first["evaluate"]
+    # every stage of the second run hit the cache, and decided and copied without them
+    assert _outcomes(runs["second"]) == dict.fromkeys(STAGES, "hit")
+    for step in ("eda", "relabel", "train", "evaluate", "select"):
+        assert not HEAVY_MODULES & second[step], f"a cache-hit {step} imported {HEAVY_MODULES & second[step]}"
 
 
 @pytest.mark.slow
