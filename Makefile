@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
+# pytest-xdist workers of `make test` (0: one process). Two fit this project's 2-core machines: most
+# end-to-end tests wait on servers, engines and schedulers, and a CPU training uses one core.
+TEST_WORKERS ?= 2
 
 .PHONY: setup system-deps demo test lint format lock clean
 
@@ -26,7 +29,7 @@ demo: setup
 # stopped afterwards, one that was already running is left alone.
 test: setup system-deps
 	engine_before=$$(bash infra/docker_engine.sh status >/dev/null 2>&1 && echo yes || echo no); \
-	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS); rc=$$?; \
 	if [ $$engine_before = no ]; then bash infra/docker_engine.sh stop; fi; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

@@ -43,6 +43,11 @@ our_pid() {
 }
 
 start() {
+  # One start at a time per engine state (parallel test workers, make demo beside make test): the
+  # second waits, then finds the first's engine answering.
+  mkdir -p "$STATE"
+  exec 8>"$STATE/start.lock"
+  flock 8
   if answers; then
     echo "docker_engine: engine at $HOST_URL answers ($(docker info --format '{{.ServerVersion}}'))" >&2
     return 0
@@ -59,10 +64,11 @@ start() {
   fi
   mkdir -p "$STATE" "$EXEC_ROOT" "$DATA_ROOT"
   echo "docker_engine: starting dockerd (data root $DATA_ROOT, exec root $EXEC_ROOT, log $LOG)" >&2
-  # setsid: the engine outlives the shell that started it (make test, make demo) until `stop`.
+  # setsid: the engine outlives the shell that started it (make test, make demo) until `stop`;
+  # 8>&-: it must not hold the start lock.
   # shellcheck disable=SC2086 # SEGPIPE_DOCKERD_ARGS: options, split on spaces
   setsid dockerd --data-root "$DATA_ROOT" --exec-root "$EXEC_ROOT" --pidfile "$PIDFILE" \
-    -H "$HOST_URL" ${SEGPIPE_DOCKERD_ARGS:-} >>"$LOG" 2>&1 </dev/null &
+    -H "$HOST_URL" ${SEGPIPE_DOCKERD_ARGS:-} >>"$LOG" 2>&1 </dev/null 8>&- &
   started=$!
   for _ in $(seq 1 120); do
     answers && { echo "docker_engine: up ($(docker info --format '{{.ServerVersion}}'))" >&2; return 0; }

@@ -33,6 +33,23 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(_AIRFLOW_HOME, ignore_errors=True)
 
 
+def _group(item: pytest.Item) -> str:
+    """The unit `make test`'s workers share out (pytest-xdist's --dist loadgroup): a module, or the
+    modules marked with one `xdist_group` (they share a costly session fixture or must not overlap)."""
+    mark = item.get_closest_marker("xdist_group")
+    return str(mark.args[0]) if mark else item.module.__name__
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Groups with the most slow tests first (an order kept within each group): on parallel workers
+    the longest units start at once instead of last, where one of them would run alone."""
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[_group(item)] = slow.get(_group(item), 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow[_group(item)])
+
+
 def _load_infra(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "infra" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

@@ -23,6 +23,9 @@ from conftest import s3_server_module, subprocess_env
 from finished_run import EXPERIMENT, FinishedRun, store
 from test_airflow_rest import Airflow
 
+# The modules reading the session's finished run on one worker: it is computed once.
+pytestmark = pytest.mark.xdist_group("finished_run")
+
 TESTS = Path(__file__).resolve().parent
 OUTSIDER = "outsider"  # authenticated, but authorized for no DAG (tests/dag_scoped_auth.py)
 

@@ -21,6 +21,9 @@ from finished_run import FinishedRun, store
 from tasks import review
 from tasks.store import review_key, stage_prefix
 
+# The modules reading the session's finished run on one worker: it is computed once.
+pytestmark = pytest.mark.xdist_group("finished_run")
+
 TAGGED = 3  # masks the "person" tags bad_mask
 
 

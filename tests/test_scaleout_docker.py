@@ -17,6 +17,9 @@ from test_scaleout import GPU_STAGES, Topology, open_topology, scaleout
 
 from tasks import store
 
+# Both scale-out modules on one worker: two topologies at once would halve each one's CPU.
+pytestmark = pytest.mark.xdist_group("scaleout")
+
 
 @pytest.fixture(scope="module")
 def images() -> dict[str, str]:
