@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import functools
 import importlib.util
 import os
 import shutil
@@ -33,11 +35,25 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(_AIRFLOW_HOME, ignore_errors=True)
 
 
-def _group(item: pytest.Item) -> str:
-    """The unit `make test`'s workers share out (pytest-xdist's --dist loadgroup): a module, or the
-    modules marked with one `xdist_group` (they share a costly session fixture or must not overlap)."""
-    mark = item.get_closest_marker("xdist_group")
-    return str(mark.args[0]) if mark else item.module.__name__
+@functools.cache
+def _group(module_path: str) -> str:
+    """The unit `make test`'s workers share out: a test module, or the modules whose module-level
+    `pytestmark = pytest.mark.xdist_group(NAME)` names one group (they share a costly session fixture
+    or must not overlap). Read from the source, so the controller, which collects nothing, knows it."""
+    tree = ast.parse((ROOT / module_path).read_text())
+    for node in tree.body:
+        if (
+            isinstance(node, ast.Assign)
+            and [getattr(t, "id", None) for t in node.targets] == ["pytestmark"]
+            and isinstance(node.value, ast.Call)
+            and ast.unparse(node.value.func) == "pytest.mark.xdist_group"
+        ):
+            return str(ast.literal_eval(node.value.args[0]))
+    return module_path
+
+
+def _module_path(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -46,8 +62,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     the longest units start at once instead of last, where one of them would run alone."""
     slow: dict[str, int] = {}
     for item in items:
-        slow[_group(item)] = slow.get(_group(item), 0) + (item.get_closest_marker("slow") is not None)
-    items.sort(key=lambda item: -slow[_group(item)])
+        group = _group(_module_path(item.nodeid))
+        slow[group] = slow.get(group, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow[_group(_module_path(item.nodeid))])
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """--dist loadgroup by `_group`. xdist 3.8's own loadgroup groups nothing under pytest 9 (it renames
+    Item._nodeid, pytest 9 keeps the id in Item._id) and splits unmarked modules test by test, which
+    would start each module-scoped server or topology on every worker."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(_module_path(nodeid))
+
+    return ModuleGroupScheduling(config, log)
 
 
 def _load_infra(name: str):
