@@ -73,6 +73,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | 
     would start each module-scoped server or topology on every worker."""
     if config.getvalue("dist") != "loadgroup":
         return None
+    config.option.loadscopereorder = False  # the collection's order (slow groups first), not test counts
     from xdist.scheduler import LoadScopeScheduling
 
     class ModuleGroupScheduling(LoadScopeScheduling):
