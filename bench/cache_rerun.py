@@ -135,7 +135,7 @@ def main() -> None:
             print(f"  {task:32s} {seconds:6.1f}")
         span = sum(seconds for _, seconds in rows)
         print(f"  {'sum of tasks':32s} {span:6.1f}")
-        print(f"  {'rest (dags test start, parse, stop)':32s} {second - span:6.1f}")
+        print(f"  {'rest (dags test start/parse/stop)':32s} {second - span:6.1f}")
 
 
 def _task_durations(db: Path) -> list[list[tuple[str, float]]]:
