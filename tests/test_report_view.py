@@ -87,6 +87,14 @@ def report_url(ui: ApiServer, run: FinishedRun, path: str = "") -> str:
     return f"http://127.0.0.1:{ui.port}/segpipe-report/segmentation_pipeline/{run_id}/{path}"
 
 
+# An <img> decoded with a size, waiting (at most 30 s) for one still loading: true, or false if broken.
+IMAGE_LOADED = """img => (img.complete && img.naturalWidth > 0) || new Promise(resolve => {
+    img.addEventListener("load", () => resolve(img.naturalWidth > 0));
+    img.addEventListener("error", () => resolve(false));
+    setTimeout(() => resolve(img.complete && img.naturalWidth > 0), 30000);
+})"""
+
+
 @pytest.mark.slow
 def test_report_tab_shows_the_table_the_pictures_and_every_artifact(
     ui: ApiServer, finished_run: FinishedRun, tmp_path: Path
@@ -116,8 +124,8 @@ def test_report_tab_shows_the_table_the_pictures_and_every_artifact(
         assert pictures.count() >= 4  # 3 EDA charts + the confusion matrix at least
         frame.locator(f'img[alt="eval/{EXPERIMENT}/confusion.png"]').wait_for()
         for i in range(pictures.count()):
-            pictures.nth(i).scroll_into_view_if_needed()
-            assert pictures.nth(i).evaluate("img => img.complete && img.naturalWidth > 0"), i
+            pictures.nth(i).scroll_into_view_if_needed()  # loading="lazy": it loads once in view
+            assert pictures.nth(i).evaluate(IMAGE_LOADED), i
         assert frame.locator("svg.curve").count() >= 1
         artifacts = frame.locator("#artifacts a")
         assert artifacts.count() > 20
