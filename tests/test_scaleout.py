@@ -54,7 +54,6 @@ SKIPPED_WITHOUT_APPROVAL = {"approve", "approval_outcome", "promote"}
 FAULT_CONF = {"recompute": ["all"]}
 RUN_TIMEOUT_S = 1200
 # A ClearML offline session's file name holds a random id: compared by its place, not its name.
-MANIFEST = "manifest.json"
 SESSION_NAME = re.compile(r"/clearml/offline-[0-9a-f]+\.zip$")
 
 
@@ -191,11 +190,13 @@ def assert_complete_and_published_once(run: Run, undisturbed: Run, experiments: 
     expected = {rel: n for rel, n in undisturbed.versions.items() if not rel.startswith(others)}
     assert sorted(run.versions) == sorted(expected), "keys lost or added"
     # The manifest is updated once per stage (its cache outcome): its count follows the experiments.
-    once_per_file = {rel: n for rel, n in run.versions.items() if rel != MANIFEST}
-    assert once_per_file == {rel: n for rel, n in expected.items() if rel != MANIFEST}, (
+    prefix = f"{store.run_prefix(run.run_id)}/"
+    manifest = store.manifest_key(run.run_id).removeprefix(prefix)
+    once_per_file = {rel: n for rel, n in run.versions.items() if rel != manifest}
+    assert once_per_file == {rel: n for rel, n in expected.items() if rel != manifest}, (
         "a key was written more often than in the undisturbed run"
     )
-    stages = json.loads(run.objects[MANIFEST])["stages"]
+    stages = json.loads(run.objects[manifest])["stages"]
     assert sorted(stages) == sorted(
         ["eda", "relabel"] + [f"{stage}/{exp}" for stage in ("train", "eval") for exp in experiments]
     )
